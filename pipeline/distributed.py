@@ -1,0 +1,137 @@
+"""All distributed wiring in one place: the Accelerator, launch environment, teardown.
+
+Which backend runs is decided by the accelerate config the stage was launched with
+(`accelerate launch --config_file recipes/accelerate/cpu_zero2.yaml ...` or the root
+`accelerate_config.yaml` for 8 GPUs), never by model or training code. This module only adapts the
+pieces that must agree with the recipe:
+
+* CPU: gloo process group (without it every DeepSpeed rank thinks it is alone), fp32.
+* CUDA: bf16 unless the accelerate config names another mixed precision.
+* DeepSpeed: micro batch size, gradient accumulation and gradient clipping come from the recipe;
+  a different explicit value in the accelerate config is overridden with a warning, so the loss
+  curve of a recipe does not depend on which hardware config launched it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+TORCH_EXTENSIONS_CACHE = Path("~/.cache/llm-pipeline/torch_extensions")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def make_accelerator(
+    grad_accum_steps: int,
+    log_dir: Path | None,
+    *,
+    micro_batch_size: int = 1,
+    grad_clip: float | None = None,
+):
+    """An `Accelerator` set up for this machine and the recipe's batch shape.
+
+    `log_dir` enables TensorBoard (runs under `log_dir/<project>`); None disables tracking.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    handlers = []
+    if _cuda():
+        # the accelerate config (ACCELERATE_MIXED_PRECISION) wins; bf16 otherwise
+        mixed = os.environ.get("ACCELERATE_MIXED_PRECISION") or "bf16"
+    else:
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+        mixed = "no"  # bf16 autocast on CPU is slow and changes the numbers tests compare
+    accelerator = Accelerator(
+        mixed_precision=mixed,
+        gradient_accumulation_steps=grad_accum_steps,
+        kwargs_handlers=handlers,
+        log_with="tensorboard" if log_dir is not None else None,
+        project_dir=str(log_dir) if log_dir is not None else None,
+    )
+    # ACCELERATE_GRADIENT_ACCUMULATION_STEPS from a launch config would beat the constructor argument
+    accelerator.gradient_accumulation_steps = grad_accum_steps
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:
+        ds = plugin.deepspeed_config
+        wanted = {"gradient_accumulation_steps": grad_accum_steps, "train_micro_batch_size_per_gpu": micro_batch_size}
+        if grad_clip is not None:
+            wanted["gradient_clipping"] = grad_clip
+        for key, value in wanted.items():
+            old = ds.get(key, "auto")
+            if old not in ("auto", value) and accelerator.is_main_process:
+                log.warning("deepspeed %s=%s from the accelerate config overridden by the recipe: %s", key, old, value)
+            ds[key] = value
+        ds["train_batch_size"] = micro_batch_size * grad_accum_steps * accelerator.num_processes
+        plugin.gradient_accumulation_steps = grad_accum_steps
+        if grad_clip is not None:
+            plugin.gradient_clipping = grad_clip
+    return accelerator
+
+
+def launch_env(num_processes: int, *, deepspeed: bool = True, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment variables to add when launching a stage with `num_processes` processes on this machine.
+
+    `deepspeed`: whether the accelerate config used is a DeepSpeed one (decides plain DDP on CPU).
+    Variables already present in `environ` (default `os.environ`) are kept as they are.
+    """
+    environ = os.environ if environ is None else environ
+    env: dict[str, str] = {}
+    if "TORCH_EXTENSIONS_DIR" not in environ:
+        # DeepSpeed JIT-compiles ops (shm_comm ~40 s) on first use: compile once per machine
+        env["TORCH_EXTENSIONS_DIR"] = str(TORCH_EXTENSIONS_CACHE.expanduser())
+    if not _cuda():
+        env["DS_ACCELERATOR"] = environ.get("DS_ACCELERATOR", "cpu")
+        if "OMP_NUM_THREADS" not in environ:
+            # processes sharing the cores oversubscribe badly otherwise
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, num_processes)))
+        if num_processes > 1 and not deepspeed:
+            env["ACCELERATE_USE_CPU"] = "true"  # plain DDP on CPU: `accelerate launch --multi_gpu`
+    return env
+
+
+def is_deepspeed_config(config_file: Path) -> bool:
+    """Whether an accelerate config file selects DeepSpeed (for `launch_env`)."""
+    import yaml
+
+    data = yaml.safe_load(Path(config_file).read_text()) or {}
+    return str(data.get("distributed_type", "")).upper() == "DEEPSPEED"
+
+
+def finish(accelerator) -> None:
+    """End a distributed run cleanly: barrier, then destroy the process group.
+
+    Without the explicit destroy about a third of multi-process runs abort at interpreter exit.
+    """
+    import torch.distributed as dist
+
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def zero_stage(accelerator) -> int | None:
+    plugin = accelerator.state.deepspeed_plugin
+    return None if plugin is None else int(plugin.zero_stage)
+
+
+def describe(accelerator) -> dict[str, Any]:
+    """Facts about the running setup, for manifests and test assertions."""
+    return {
+        "num_processes": accelerator.num_processes,
+        "distributed_type": str(accelerator.distributed_type.value),
+        "device": str(accelerator.device),
+        "mixed_precision": str(accelerator.mixed_precision),
+        "zero_stage": zero_stage(accelerator),
+        "gradient_accumulation_steps": accelerator.gradient_accumulation_steps,
+    }

@@ -1,0 +1,204 @@
+"""Model construction and the causal-LM loss, on stock transformers architectures only.
+
+dense -> `LlamaForCausalLM` (RoPE, RMSNorm, SwiGLU, GQA); moe -> `Qwen3MoeForCausalLM` (softmax
+top-k routing over `n_experts`). Both save as ordinary checkpoints that load with plain
+`AutoModelForCausalLM.from_pretrained` (no remote code); the attention kernel is chosen at load
+time and is not stored in config.json.
+
+Packed batches carry `position_ids` that restart at 0 at every document start; with
+`use_cache=False` and no attention mask transformers turns them into a per-document causal mask.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.settings import ModelSettings
+
+IGNORE_INDEX = -100
+
+
+# --- config and construction ---
+
+def build_model_config(model: ModelSettings, vocab_size: int, bos_id: int | None, eos_id: int | None,
+                       pad_id: int | None):
+    """A transformers config for `model` (LlamaConfig or Qwen3MoeConfig)."""
+    from transformers import LlamaConfig, Qwen3MoeConfig
+
+    layers, d_model, heads, kv_heads, ffn = model.dims()
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=d_model,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=d_model // heads,
+        max_position_embeddings=model.max_seq_len,
+        rope_parameters={"rope_type": "default", "rope_theta": model.rope_theta},
+        rms_norm_eps=1e-5,
+        initializer_range=model.init_std,
+        tie_word_embeddings=model.tie_embeddings,
+        attention_dropout=0.0,
+        attention_bias=False,
+        hidden_act="silu",
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        use_cache=True,  # for generation after training; the loss passes use_cache=False
+    )
+    if model.family == "dense":
+        return LlamaConfig(intermediate_size=ffn, mlp_bias=False, **common)
+    return Qwen3MoeConfig(
+        intermediate_size=ffn,
+        moe_intermediate_size=ffn,
+        num_experts=model.n_experts,
+        num_experts_per_tok=model.top_k,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        router_aux_loss_coef=model.aux_loss_coef,
+        output_router_logits=True,
+        use_sliding_window=False,
+        **common,
+    )
+
+
+def attn_implementation(choice: str) -> str:
+    """The transformers `attn_implementation` name for a ModelSettings.attention choice."""
+    if choice in ("sdpa", "eager"):
+        return choice
+    if choice not in ("triton", "auto"):
+        raise ValueError(f"attention: unknown choice {choice!r}; use auto, triton, sdpa or eager")
+    if choice == "auto" and not torch.cuda.is_available():
+        return "sdpa"
+    try:
+        from kernels.transformers_attention import register
+    except ImportError as e:
+        if choice == "triton":
+            raise RuntimeError(f"attention: triton requested but kernels.transformers_attention is unavailable ({e})") from e
+        return "sdpa"
+    return register()
+
+
+def build_model(model_settings: ModelSettings, vocab_size: int, bos_id: int | None, eos_id: int | None,
+                pad_id: int | None):
+    """A freshly initialised fp32 causal LM (mixed precision is the accelerator's business)."""
+    from transformers import AutoModelForCausalLM
+
+    config = build_model_config(model_settings, vocab_size, bos_id, eos_id, pad_id)
+    return AutoModelForCausalLM.from_config(
+        config, attn_implementation=attn_implementation(model_settings.attention), dtype=torch.float32
+    )
+
+
+def is_moe(config) -> bool:
+    return getattr(config, "num_experts", None) is not None and hasattr(config, "num_experts_per_tok")
+
+
+# --- loss ---
+
+def _unwrapped_config(model):
+    m = model
+    while hasattr(m, "module"):  # DDP / DeepSpeed engine
+        m = m.module
+    return getattr(m, "_orig_mod", m).config  # torch.compile wrapper
+
+
+def causal_lm_loss(model, batch: dict[str, torch.Tensor], settings: ModelSettings | None = None
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Next-token loss on a packed batch: (loss to backprop, aux of detached tensors).
+
+    batch: `input_ids` [B, T+1] and `position_ids` [B, T+1] (see pipeline.packing); the model reads
+    the first T tokens and predicts the last T. Optional `labels` [B, T+1] with -100 masks targets.
+    For MoE the loss adds `aux_loss_coef * load_balance + z_loss_coef * mean(logsumexp(router)^2)`.
+    The transformers MoE model adds its load-balancing term only when given `labels`; we never pass
+    labels, so nothing is counted twice.
+    aux: ce, and for MoE aux_loss, z_loss and expert_load [layers, experts] (fraction of routed
+    token slots per expert; uniform = 1/n_experts, a collapsed router shows one expert near 1).
+    No host sync happens here: values stay on the device until the loop logs them.
+    """
+    config = _unwrapped_config(model)
+    input_ids = batch["input_ids"]
+    inputs, targets = input_ids[:, :-1], input_ids[:, 1:]
+    if "labels" in batch:
+        targets = batch["labels"][:, 1:]
+    kwargs: dict[str, Any] = {"input_ids": inputs, "use_cache": False}
+    if "position_ids" in batch:
+        kwargs["position_ids"] = batch["position_ids"][:, :-1]
+    moe = is_moe(config)
+    if moe:
+        kwargs["output_router_logits"] = True
+    out = model(**kwargs)
+    logits = out.logits
+    ce = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+    loss = ce
+    aux: dict[str, torch.Tensor] = {"ce": ce.detach()}
+    if moe:
+        aux_coef = settings.aux_loss_coef if settings is not None else config.router_aux_loss_coef
+        z_coef = settings.z_loss_coef if settings is not None else 0.0
+        router_logits = out.router_logits  # tuple over layers of [B*T, n_experts]
+        balance = out.aux_loss
+        z = torch.stack([torch.logsumexp(r.float(), dim=-1).pow(2).mean() for r in router_logits]).mean()
+        loss = loss + aux_coef * balance + z_coef * z
+        aux["aux_loss"] = balance.detach()
+        aux["z_loss"] = z.detach()
+        aux["expert_load"] = expert_load(router_logits, config.num_experts_per_tok, config.num_experts)
+    return loss, aux
+
+
+@torch.no_grad()
+def expert_load(router_logits, top_k: int, n_experts: int) -> torch.Tensor:
+    """[layers, experts]: fraction of top-k routing slots each expert received in each layer."""
+    rows = []
+    for r in router_logits:
+        chosen = torch.topk(r.float(), top_k, dim=-1).indices.reshape(-1)
+        rows.append(torch.bincount(chosen, minlength=n_experts).float() / max(1, chosen.numel()))
+    return torch.stack(rows)
+
+
+# --- FLOPs for MFU ---
+
+def matmul_parameters(config, *, active: bool = True) -> int:
+    """Parameters each token multiplies through (transformer blocks + output projection).
+
+    Input embeddings are a lookup and do not count; `active`: only top-k experts count for MoE.
+    """
+    d, layers = config.hidden_size, config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or d // config.num_attention_heads
+    attn = d * head_dim * (config.num_attention_heads * 2 + config.num_key_value_heads * 2)
+    if is_moe(config):
+        experts = config.num_experts_per_tok if active else config.num_experts
+        mlp = experts * 3 * d * config.moe_intermediate_size + d * config.num_experts
+    else:
+        mlp = 3 * d * config.intermediate_size
+    return layers * (attn + mlp) + config.vocab_size * d
+
+
+def flops_per_token(config, seq_len: int) -> float:
+    """Training FLOPs per token: 6 * (active matmul params) + 12 * layers * d_attn * seq_len (PaLM appendix B)."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    attn = 12 * config.num_hidden_layers * config.num_attention_heads * head_dim * seq_len
+    return 6 * matmul_parameters(config) + attn
+
+
+PEAK_BF16_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "B200": 2250e12, "A10": 125e12, "L4": 121e12}
+
+
+def peak_flops(device) -> float | None:
+    """Dense bf16 peak FLOP/s of one accelerator, or None when unknown (CPU: MFU not reported)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):
+        if key in name:
+            return PEAK_BF16_FLOPS[key]
+    return None
+
+
+def bits_per_byte(ce_nats_sum: float, n_bytes: int) -> float:
+    return ce_nats_sum / math.log(2) / max(1, n_bytes)

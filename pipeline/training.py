@@ -1,0 +1,436 @@
+"""The one training loop: optimizer, schedule, accumulation, eval, logging, checkpoints, resume.
+
+Stages own only what is theirs: the model, the data and a `loss_fn(model, batch) -> (loss, aux)`
+(pretraining: `pipeline.models.causal_lm_loss`). Everything else lives here:
+
+* AdamW; weight decay only on matrices (biases, norms and embeddings are not decayed).
+* LR schedule `lr_multiplier(step)`: warmup then cosine / warmup-stable-decay / constant. It is a
+  pure function of the step, set on the optimizer every step: nothing to checkpoint, identical
+  under DDP and DeepSpeed.
+* Data order: a permutation drawn from (seed, epoch); each optimizer step consumes the next
+  `micro_batch_size * grad_accum_steps * num_processes` examples; a partial global batch at the end
+  of an epoch is skipped. The position (epoch, offset) is saved with every checkpoint, so a
+  resumed run sees exactly the batches an uninterrupted run would.
+* Checkpoints: `accelerator.save_state` into `work_dir/checkpoints/step-000123.tmp`, then
+  `trainer_state.json`, then a rename to `step-000123` (the rename is the commit; a `.tmp` left by a
+  crash is deleted on the next start). Keeps the last `keep_checkpoints`. Resume is automatic from
+  the latest complete one. Assumes a filesystem shared by all nodes.
+* Outputs in `work_dir`: `train_log.jsonl` (one line per optimizer step: loss, lr, grad norm,
+  tokens), `metrics.jsonl` (one line per evaluation: step, tokens, the eval metrics, elapsed_s since
+  the pipeline run started), TensorBoard events under `work_dir/tensorboard` (from the accelerator).
+  Lines for steps after the resumed checkpoint are dropped on resume, so the files always describe
+  a single run.
+* A non-finite loss (on any rank) raises `NonFiniteLossError` naming the step before the optimizer
+  applies it; no checkpoint is written for it, so the last good one stays the latest.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from pipeline.settings import TrainSettings
+
+CHECKPOINT_RE = re.compile(r"^step-(\d{6,})$")
+STATE_FILE = "trainer_state.json"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+# --- optimizer and schedule ---
+
+def _shape(p: torch.Tensor) -> tuple[int, ...]:
+    return tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3 partitions parameters at construction
+
+
+def build_optimizer(model, settings: TrainSettings) -> torch.optim.AdamW:
+    """AdamW with weight decay on weight matrices only (not biases, norms or embeddings)."""
+    embeddings = set()
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        module = getattr(model, getter, lambda: None)()
+        if module is not None and getattr(module, "weight", None) is not None:
+            embeddings.add(id(module.weight))
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (decay if len(_shape(p)) >= 2 and id(p) not in embeddings else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": settings.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=settings.learning_rate,
+                             betas=(settings.beta1, settings.beta2), eps=1e-8)
+
+
+def lr_multiplier(step: int, settings: TrainSettings) -> float:
+    """Factor on learning_rate for optimizer step `step` (0-based)."""
+    total, warmup, floor = settings.max_steps, settings.warmup_steps, settings.min_lr_ratio
+    if step < warmup:
+        return (step + 1) / warmup
+    if settings.schedule == "constant":
+        return 1.0
+    if settings.schedule == "cosine":
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    # wsd: stable, then linear decay to floor over the last decay_fraction of the run
+    decay_steps = max(1, round(settings.decay_fraction * total))
+    decay_start = max(warmup, total - decay_steps)
+    if step < decay_start:
+        return 1.0
+    progress = min(1.0, (step - decay_start + 1) / max(1, total - decay_start))
+    return 1.0 + (floor - 1.0) * progress
+
+
+# --- data order ---
+
+@dataclass
+class TrainerState:
+    step: int = 0
+    # optimizer steps done
+    epoch: int = 0
+    offset: int = 0
+    # examples of this epoch's permutation already consumed (globally, all ranks)
+    tokens: int = 0
+    # target tokens trained on so far, all ranks
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=gen)
+
+
+def next_global_batch(state: TrainerState, seed: int, n: int, global_batch: int) -> tuple[torch.Tensor, TrainerState]:
+    """Indices of the next global batch and the position after it."""
+    epoch, offset = state.epoch, state.offset
+    if offset + global_batch > n:
+        epoch, offset = epoch + 1, 0
+    indices = epoch_order(seed, epoch, n)[offset:offset + global_batch]
+    return indices, TrainerState(state.step, epoch, offset + global_batch, state.tokens)
+
+
+# --- checkpoints ---
+
+def checkpoint_dir(work_dir: Path) -> Path:
+    return Path(work_dir) / "checkpoints"
+
+
+def list_checkpoints(work_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = checkpoint_dir(work_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and (p / STATE_FILE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def save_checkpoint(accelerator, state: TrainerState, work_dir: Path, keep: int) -> Path:
+    root = checkpoint_dir(work_dir)
+    final = root / f"step-{state.step:06d}"
+    tmp = final.with_name(final.name + ".tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
+        if final.exists():  # same step saved by an earlier attempt
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in list_checkpoints(work_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resume_latest(accelerator, work_dir: Path) -> TrainerState:
+    """Load the latest complete checkpoint (if any) into the prepared objects; drop stale `.tmp` dirs."""
+    root = checkpoint_dir(work_dir)
+    if accelerator.is_main_process and root.is_dir():
+        for p in root.glob("*.tmp"):
+            shutil.rmtree(p, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    found = list_checkpoints(work_dir)
+    if not found:
+        return TrainerState()
+    accelerator.load_state(str(found[-1]))
+    return TrainerState(**json.loads((found[-1] / STATE_FILE).read_text()))
+
+
+def _truncate_jsonl(path: Path, max_step: int) -> None:
+    """Drop lines for steps after `max_step` (written by an attempt that died before its next checkpoint)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= max_step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def _append_jsonl(path: Path, row: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+# --- the loop ---
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _scalar_logs(prefix: str, aux: dict) -> dict[str, float]:
+    out = {}
+    for key, value in aux.items():
+        if isinstance(value, torch.Tensor) and value.numel() > 1:
+            # e.g. expert_load [layers, experts]: a collapsed router shows as max -> 1, min -> 0
+            rows = value.reshape(value.shape[0], -1) if value.dim() > 1 else value[None]
+            for i, row in enumerate(rows.cpu()):
+                if row.numel() <= 16:
+                    out.update({f"{prefix}{key}/layer{i}/{j}": float(x) for j, x in enumerate(row)})
+                out[f"{prefix}{key}/layer{i}_max"] = float(row.max())
+                out[f"{prefix}{key}/layer{i}_min"] = float(row.min())
+        else:
+            out[f"{prefix}{key}"] = float(value)
+    return out
+
+
+def default_token_count(batch: dict) -> int:
+    """Target tokens in a packed LM batch ([B, T+1] blocks predict T tokens each)."""
+    ids = batch["input_ids"]
+    if "labels" in batch:
+        return int((batch["labels"][:, 1:] != -100).sum())
+    return ids.shape[0] * (ids.shape[1] - 1)
+
+
+def train(
+    accelerator,
+    model,
+    train_data,
+    collate: Callable[[list[dict]], dict],
+    loss_fn: Callable[[Any, dict], tuple[torch.Tensor, dict]],
+    settings: TrainSettings,
+    work_dir: Path,
+    *,
+    seed: int,
+    run_start: float | None = None,
+    evaluate: Callable[[Any], dict[str, float]] | None = None,
+    count_tokens: Callable[[dict], int] = default_token_count,
+    flops_per_token: float | None = None,
+    peak_flops: float | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+):
+    """Train `model` (not yet prepared) for settings.max_steps optimizer steps, resuming if possible.
+
+    Returns (prepared model, summary dict). `evaluate(model) -> {'val_loss': ..., ...}` runs on all
+    ranks every eval_every steps and at the end (it must do the same number of forwards on every
+    rank). `on_step(step, loss)` is a test hook called after each optimizer step.
+    """
+    from tqdm.auto import tqdm
+
+    work_dir = Path(work_dir)
+    run_start = time.time() if run_start is None else run_start
+    world = accelerator.num_processes
+    global_batch = settings.micro_batch_size * settings.grad_accum_steps * world
+    n = len(train_data)
+    if n < global_batch:
+        raise ValueError(f"train data has {n} examples, fewer than one global batch "
+                         f"(micro_batch_size*grad_accum_steps*processes = {global_batch})")
+
+    if settings.activation_checkpointing:
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
+    optimizer = build_optimizer(model, settings)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    deepspeed = accelerator.state.deepspeed_plugin is not None
+    if settings.compile:
+        if deepspeed:
+            model.compile()
+        else:
+            model = torch.compile(model)
+
+    state = resume_latest(accelerator, work_dir)
+    start_step = state.step
+    loss_log, metrics_log = work_dir / "train_log.jsonl", work_dir / "metrics.jsonl"
+    if accelerator.is_main_process:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        _truncate_jsonl(loss_log, start_step)
+        _truncate_jsonl(metrics_log, start_step)
+        if start_step:
+            print(f"resumed from checkpoint at step {start_step} (epoch {state.epoch}, offset {state.offset})")
+    accelerator.step = 0  # micro-step counter used by accumulate(): our steps always start on a boundary
+
+    def run_eval(record: bool = True) -> dict:
+        if evaluate is None:
+            return {}
+        model.eval()
+        with torch.no_grad():
+            result = evaluate(model)
+        model.train()
+        if record:
+            row = {"step": state.step, "tokens": state.tokens, **result, "elapsed_s": round(time.time() - run_start, 3)}
+            if accelerator.is_main_process:
+                _append_jsonl(metrics_log, row)
+            accelerator.log({f"val/{k}": v for k, v in result.items()}, step=state.step)
+        return result
+
+    model.train()
+    bar = tqdm(total=settings.max_steps, initial=start_step, disable=not accelerator.is_local_main_process,
+               desc="train", dynamic_ncols=True)
+    last_eval: dict = {}
+    last_saved = start_step
+    t_session = time.time()
+    tokens_session = 0
+    window_t, window_tokens = time.time(), 0
+    rank, mbs = accelerator.process_index, settings.micro_batch_size
+    while state.step < settings.max_steps:
+        step = state.step
+        lr = settings.learning_rate * lr_multiplier(step, settings)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        indices, state = next_global_batch(state, seed, n, global_batch)
+        step_loss = torch.zeros((), device=accelerator.device)
+        step_tokens = 0
+        aux_sum: dict[str, torch.Tensor] = {}
+        grad_norm = None
+        for micro in range(settings.grad_accum_steps):
+            # rank-major within a micro step: the same examples form a global batch at any world size
+            lo = (micro * world + rank) * mbs
+            batch = _to_device(collate([train_data[int(i)] for i in indices[lo:lo + mbs]]), accelerator.device)
+            with accelerator.accumulate(model):
+                loss, aux = loss_fn(model, batch)
+                mean_loss = accelerator.reduce(loss.detach().float(), "mean")
+                if not torch.isfinite(mean_loss):
+                    raise NonFiniteLossError(
+                        f"loss is {mean_loss.item()} at step {step + 1} (micro batch {micro}); training stopped, "
+                        f"the last good checkpoint is kept in {checkpoint_dir(work_dir)}")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), settings.grad_clip or float("inf"))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            step_loss += mean_loss / settings.grad_accum_steps
+            step_tokens += count_tokens(batch)
+            for k, v in aux.items():
+                v = v.detach().float() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
+                aux_sum[k] = aux_sum.get(k, 0) + v / settings.grad_accum_steps
+        tokens = int(accelerator.reduce(torch.tensor(step_tokens, device=accelerator.device), "sum"))
+        state.step, state.tokens = step + 1, state.tokens + tokens
+        loss_value = float(step_loss)
+        grad_norm = None if grad_norm is None else float(grad_norm)
+        tokens_session += tokens
+        window_tokens += tokens
+        if accelerator.is_main_process:
+            _append_jsonl(loss_log, {"step": state.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+                                     "tokens": state.tokens})
+        if on_step is not None:
+            on_step(state.step, loss_value)
+        if state.step % settings.log_every == 0 or state.step == settings.max_steps:
+            dt = max(1e-9, time.time() - window_t)
+            tok_s = window_tokens / dt
+            logs = {"train/loss": loss_value, "train/lr": lr, "train/tokens_per_s": tok_s, "train/tokens": state.tokens}
+            if grad_norm is not None:
+                logs["train/grad_norm"] = grad_norm
+            if flops_per_token and peak_flops:
+                logs["train/mfu"] = flops_per_token * tok_s / (peak_flops * world)
+            logs.update(_scalar_logs("train/", aux_sum))
+            accelerator.log(logs, step=state.step)
+            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tok_s:,.0f}")
+            window_t, window_tokens = time.time(), 0
+        bar.update(1)
+        if state.step % settings.eval_every == 0 or state.step == settings.max_steps:
+            last_eval = run_eval()
+        if state.step % settings.save_every == 0 or state.step == settings.max_steps:
+            save_checkpoint(accelerator, state, work_dir, settings.keep_checkpoints)
+            last_saved = state.step
+    bar.close()
+    if not last_eval and evaluate is not None:
+        last_eval = run_eval(record=False)  # resumed at max_steps: metrics.jsonl already has them
+    seconds = time.time() - t_session
+    summary = {
+        "steps": state.step,
+        "resumed_from_step": start_step,
+        "tokens": state.tokens,
+        "train_seconds": round(seconds, 3),
+        "tokens_per_s": round(tokens_session / seconds, 1) if seconds > 0 and tokens_session else None,
+        "last_checkpoint_step": last_saved,
+        **{f"final_{k}": v for k, v in last_eval.items()},
+    }
+    return model, summary
+
+
+# --- evaluation for language models ---
+
+def make_lm_evaluator(accelerator, val_data, collate, micro_batch_size: int, max_batches: int,
+                      byte_lengths: torch.Tensor | None = None) -> Callable[[Any], dict[str, float]]:
+    """`evaluate(model) -> {'val_loss', 'val_bpb'}` over the first max_batches*mbs*processes blocks.
+
+    val_loss: mean CE (nats) per target token. val_bpb: CE summed over targets that stand for text
+    (byte length > 0), / ln 2, / their bytes (pipeline.packing.token_byte_lengths). Every rank runs
+    the same number of forwards (ZeRO-3 gathers parameters collectively); ranks short of data
+    repeat block 0 with zero weight.
+    """
+    import torch.nn.functional as F
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    n = min(len(val_data), max_batches * micro_batch_size * world)
+    if n == 0:
+        raise ValueError("validation data is empty: not even one block; use a smaller block_size or more text")
+    mine = list(range(rank, n, world))
+    n_batches = math.ceil(math.ceil(n / world) / micro_batch_size)
+    lengths = None if byte_lengths is None else byte_lengths.to(accelerator.device)
+
+    def evaluate(model) -> dict[str, float]:
+        sums = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # ce, tokens, ce_text, bytes
+        for b in range(n_batches):
+            idx = mine[b * micro_batch_size:(b + 1) * micro_batch_size]
+            weight = 1.0 if idx else 0.0
+            batch = _to_device(collate([val_data[i] for i in (idx or [0])]), accelerator.device)
+            ids = batch["input_ids"]
+            out = model(input_ids=ids[:, :-1], position_ids=batch["position_ids"][:, :-1], use_cache=False)
+            targets = ids[:, 1:]
+            ce = F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten(), reduction="none").double()
+            sums[0] += weight * ce.sum()
+            sums[1] += weight * ce.numel()
+            if lengths is not None:
+                nbytes = lengths[targets.flatten()]
+                sums[2] += weight * (ce * (nbytes > 0)).sum()
+                sums[3] += weight * nbytes.sum()
+        sums = accelerator.reduce(sums, "sum")
+        result = {"val_loss": float(sums[0] / sums[1])}
+        if lengths is not None:
+            result["val_bpb"] = float(sums[2] / math.log(2) / sums[3].clamp(min=1))
+        return result
+
+    return evaluate
+
+
+# --- export ---
+
+def export_model(accelerator, model, out_dir: Path, tokenizer=None) -> None:
+    """A self-contained Hugging Face checkpoint: config, safetensors weights, generation config, tokenizer.
+
+    Collective: call on every rank (ZeRO-3 gathers the weights; needs zero3_save_16bit_model: true).
+    """
+    from transformers import GenerationConfig
+
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped = getattr(unwrapped, "_orig_mod", unwrapped)  # torch.compile
+        unwrapped.save_pretrained(out_dir, state_dict=state_dict)
+        cfg = unwrapped.config
+        GenerationConfig(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
+                         pad_token_id=cfg.pad_token_id).save_pretrained(out_dir)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out_dir)
+    accelerator.wait_for_everyone()
