@@ -1,0 +1,1 @@
+"""LLM pipeline: tokenizer -> pretraining -> SFT -> reward model -> PPO."""

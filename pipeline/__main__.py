@@ -1,0 +1,47 @@
+"""Command line: `python -m pipeline {run,plan,config} RECIPE [KEY=VALUE ...]`.
+
+    python -m pipeline run recipes/tiny.yaml                  # every stage not yet done
+    python -m pipeline plan recipes/tiny.yaml                 # status and command of each stage
+    python -m pipeline run recipes/tiny.yaml --only pretrain stages.pretrain.max_steps=10
+    python -m pipeline config recipes/tiny.yaml               # the resolved recipe, nothing run
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import yaml
+
+from pipeline.config import ConfigError, to_dict
+from pipeline.recipe import load_recipe
+from pipeline.runner import format_plan, plan, run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in (("run", "run the stages that are not done"), ("plan", "show what run would do; runs nothing"),
+                       ("config", "print the resolved recipe; runs nothing")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("recipe")
+        p.add_argument("overrides", nargs="*", help="dotted KEY=VALUE, e.g. stages.pretrain.max_steps=10")
+        p.add_argument("--only", action="append", metavar="STAGE", help="run only this stage (repeatable)")
+        p.add_argument("--force", action="append", metavar="STAGE", help="re-run this stage even if done")
+    args = parser.parse_args(argv)
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        if args.command == "config":
+            print(yaml.safe_dump({**to_dict(recipe), "settings": to_dict(recipe.settings)}, sort_keys=False))
+            return 0
+        if args.command == "plan":
+            print(format_plan(recipe, plan(recipe, args.only, args.force)))
+            return 0
+        return run(recipe, args.only, args.force)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""Recipes: one YAML file -> a typed `Recipe` whose stages reference each other's outputs.
+
+    run_dir: runs/tiny
+    seed: 1234
+    model: {family: dense, size: tiny}
+    stages:
+      tokenizer: {inputs: {corpus: "builtin:stdlib"}, vocab_size: 2048}
+      prepare:   {inputs: {corpus: "builtin:stdlib", tokenizer: tokenizer.tokenizer}, block_size: 256}
+      pretrain:  {inputs: {data: prepare.dataset, tokenizer: tokenizer.tokenizer}, max_steps: 300}
+
+A stage key names the stage type (its module in `stages/`). An input is written as
+  * `STAGE.OUTPUT` — another stage's output in this recipe (`tokenizer.tokenizer`, `pretrain.model`);
+  * a path containing a slash (`./data/train.jsonl`, `/ckpt/sft`) — a local text/jsonl/parquet file or
+    folder, a saved `datasets` folder, a tokenizer or checkpoint folder;
+  * `builtin:stdlib` — the embedded corpus (pipeline/corpus.py);
+  * `hub:ORG/NAME` (optionally `@REVISION`) — a hub model or dataset (needs a network).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import yaml
+
+from pipeline.config import ConfigError, apply_overrides, from_dict
+from pipeline.corpus import BUILTIN_CORPORA
+from pipeline.settings import ModelSettings, TrainSettings
+
+REFERENCE = re.compile(r"^([A-Za-z_][\w-]*)\.([A-Za-z_]\w*)$")
+
+
+@dataclass
+class Launch:
+    num_processes: int = 1
+    # processes for `accelerate launch` (only for stages that train)
+    config_file: str | None = None
+    # accelerate config file (DeepSpeed ZeRO, multi-node, ...); none: plain single process
+    extra_args: list[str] = field(default_factory=list)
+    # passed to `accelerate launch` as they are (e.g. ["--main_process_port", "29511"])
+
+    def validate(self) -> None:
+        if self.num_processes < 1:
+            raise ConfigError(f"num_processes: must be >= 1, got {self.num_processes}")
+        if self.config_file is not None and not Path(self.config_file).is_file():
+            raise ConfigError(f"config_file: accelerate config {self.config_file} does not exist")
+
+
+@dataclass
+class StageSettings:
+    """Fields every stage has. Subclasses declare their inputs, outputs and whether they train."""
+
+    inputs: dict[str, str] = field(default_factory=dict)
+    launch: Launch = field(default_factory=Launch)
+
+    INPUTS: ClassVar[dict[str, str]] = {}  # input name -> what it must be (text, tokenizer, dataset, model)
+    DEFAULT_INPUTS: ClassVar[dict[str, str]] = {}
+    OPTIONAL_INPUTS: ClassVar[tuple[str, ...]] = ()
+    OUTPUTS: ClassVar[tuple[str, ...]] = ()
+    ACCELERATED: ClassVar[bool] = False  # launched with `accelerate launch` (else plain python)
+    USES_MODEL: ClassVar[bool] = False  # the recipe's `model` section is part of its fingerprint
+    VERSION: ClassVar[str] = "1"  # bump when the stage's outputs change for the same settings
+
+    def validate(self) -> None:
+        for name in self.inputs:
+            if name not in self.INPUTS:
+                raise ConfigError(f"inputs.{name}: unknown input; this stage takes {', '.join(self.INPUTS) or 'none'}")
+        for name in self.INPUTS:
+            if name not in self.inputs and name not in self.OPTIONAL_INPUTS:
+                raise ConfigError(f"inputs.{name}: required input is missing ({self.INPUTS[name]})")
+
+
+@dataclass
+class TokenizerSettings(StageSettings):
+    vocab_size: int = 2048
+    min_frequency: int = 2
+    max_train_chars: int = 5_000_000
+    # characters of training text fed to the BPE trainer (a prefix of the shuffled train split)
+    validation_fraction: float = 0.05
+    # held out from sources that have no validation split
+
+    INPUTS: ClassVar = {"corpus": "text"}
+    DEFAULT_INPUTS: ClassVar = {"corpus": "builtin:stdlib"}
+    OUTPUTS: ClassVar = ("tokenizer",)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.vocab_size < 300:
+            raise ConfigError(f"vocab_size: must be at least 300 (256 bytes + special tokens), got {self.vocab_size}")
+        if not 0 < self.validation_fraction < 1:
+            raise ConfigError(f"validation_fraction: must be in (0, 1), got {self.validation_fraction}")
+
+
+@dataclass
+class PrepareSettings(StageSettings):
+    block_size: int = 256
+    # tokens per packed training sequence
+    validation_fraction: float = 0.05
+    num_proc: int | None = None
+    # worker processes for tokenization; none: all cores
+
+    INPUTS: ClassVar = {"corpus": "text", "tokenizer": "tokenizer"}
+    DEFAULT_INPUTS: ClassVar = {"corpus": "builtin:stdlib"}
+    OUTPUTS: ClassVar = ("dataset",)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.block_size < 2:
+            raise ConfigError(f"block_size: must be at least 2, got {self.block_size}")
+
+
+@dataclass
+class PretrainSettings(StageSettings, TrainSettings):
+    INPUTS: ClassVar = {"data": "dataset", "tokenizer": "tokenizer"}
+    OUTPUTS: ClassVar = ("model",)
+    ACCELERATED: ClassVar = True
+    USES_MODEL: ClassVar = True
+
+    def validate(self) -> None:
+        StageSettings.validate(self)
+        TrainSettings.validate(self)
+
+
+STAGE_TYPES: dict[str, type[StageSettings]] = {
+    "tokenizer": TokenizerSettings,
+    "prepare": PrepareSettings,
+    "pretrain": PretrainSettings,
+}
+
+
+@dataclass
+class InputSpec:
+    """One resolved input of a stage."""
+
+    name: str
+    spec: str  # as written in the recipe
+    kind: str  # stage | path | builtin | hub
+    stage: str | None = None
+    output: str | None = None
+    path: Path | None = None  # local folder or file (stage outputs too)
+
+
+@dataclass
+class Recipe:
+    run_dir: str
+    seed: int = 1234
+    model: ModelSettings = field(default_factory=ModelSettings)
+    stages: dict[str, Any] = field(default_factory=dict)
+    # filled by load_recipe: typed stage settings and resolved inputs
+    source: Path | None = field(default=None, init=False)
+    overrides: list[str] = field(default_factory=list, init=False)
+    settings: dict[str, StageSettings] = field(default_factory=dict, init=False)
+    inputs: dict[str, dict[str, InputSpec]] = field(default_factory=dict, init=False)
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir).resolve()
+
+    def stage_dir(self, name: str) -> Path:
+        return self.run_path / name
+
+    def upstream(self, name: str) -> list[str]:
+        return sorted({i.stage for i in self.inputs[name].values() if i.kind == "stage"})
+
+    def order(self) -> list[str]:
+        """Stages in dependency order (recipe order among independent ones); rejects cycles."""
+        done: list[str] = []
+        visiting: list[str] = []
+
+        def visit(name: str) -> None:
+            if name in done:
+                return
+            if name in visiting:
+                cycle = visiting[visiting.index(name):] + [name]
+                raise ConfigError(f"stages: reference cycle {' -> '.join(cycle)}")
+            visiting.append(name)
+            for dep in self.upstream(name):
+                visit(dep)
+            visiting.pop()
+            done.append(name)
+
+        for name in self.settings:
+            visit(name)
+        return done
+
+
+def _resolve_input(recipe: Recipe, stage: str, name: str, spec: str, base: Path) -> InputSpec:
+    path = f"stages.{stage}.inputs.{name}"
+    if spec.startswith("builtin:"):
+        corpus = spec.split(":", 1)[1]
+        if corpus not in BUILTIN_CORPORA:
+            raise ConfigError(f"{path}: unknown builtin corpus {corpus!r}; available: {', '.join(BUILTIN_CORPORA)}")
+        return InputSpec(name, spec, "builtin")
+    if spec.startswith("hub:"):
+        if not re.match(r"^hub:[\w.-]+(/[\w.-]+)?(@[\w./-]+)?$", spec):
+            raise ConfigError(f"{path}: {spec!r} is not a hub name like hub:ORG/NAME or hub:ORG/NAME@REVISION")
+        return InputSpec(name, spec, "hub")
+    ref = REFERENCE.match(spec)
+    if ref and "/" not in spec:
+        src, output = ref.groups()
+        if src not in recipe.stages:
+            raise ConfigError(f"{path}: {spec!r} references stage {src!r}, which is not in this recipe "
+                              f"(stages: {', '.join(recipe.stages)}); write a path with a slash for a file")
+        outputs = STAGE_TYPES[src].OUTPUTS
+        if output not in outputs:
+            raise ConfigError(f"{path}: stage {src!r} has no output {output!r}; it produces {', '.join(outputs)}")
+        return InputSpec(name, spec, "stage", src, output, recipe.stage_dir(src) / output)
+    if "/" not in spec and not Path(spec).exists():
+        raise ConfigError(f"{path}: {spec!r} is neither STAGE.OUTPUT, builtin:NAME, hub:ORG/NAME nor an existing path")
+    local = (base / spec).resolve() if not Path(spec).is_absolute() else Path(spec)
+    if not local.exists():
+        raise ConfigError(f"{path}: path {spec} does not exist (looked for {local})")
+    return InputSpec(name, spec, "path", path=local)
+
+
+def parse_recipe(data: dict, source: Path | None = None, overrides: list[str] | None = None) -> Recipe:
+    """Typed, resolved recipe from already-loaded YAML data (overrides applied first)."""
+    data = apply_overrides(copy.deepcopy(data), list(overrides or []))
+    recipe = from_dict(Recipe, data)
+    recipe.source, recipe.overrides = source, list(overrides or [])
+    if not recipe.stages:
+        raise ConfigError("stages: a recipe needs at least one stage")
+    for name, section in recipe.stages.items():
+        if name not in STAGE_TYPES:
+            import difflib
+
+            hint = difflib.get_close_matches(name, list(STAGE_TYPES), n=1)
+            extra = f"; did you mean {hint[0]}?" if hint else f"; known stages: {', '.join(STAGE_TYPES)}"
+            raise ConfigError(f"stages.{name}: unknown stage{extra}")
+        cls = STAGE_TYPES[name]
+        section = dict(section or {})
+        section["inputs"] = {**cls.DEFAULT_INPUTS, **(section.get("inputs") or {})}
+        recipe.settings[name] = from_dict(cls, section, f"stages.{name}")
+    base = Path.cwd()
+    for name, settings in recipe.settings.items():
+        recipe.inputs[name] = {k: _resolve_input(recipe, name, k, v, base) for k, v in settings.inputs.items()}
+    recipe.order()
+    _check_across_stages(recipe)
+    return recipe
+
+
+def _check_across_stages(recipe: Recipe) -> None:
+    prepare = recipe.settings.get("prepare")
+    if prepare is not None and prepare.block_size > recipe.model.max_seq_len:
+        raise ConfigError(f"stages.prepare.block_size: {prepare.block_size} exceeds the model's maximum "
+                          f"model.max_seq_len={recipe.model.max_seq_len}")
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe {path}: not valid YAML: {e}") from None
+    return parse_recipe(data or {}, path.resolve(), overrides)

@@ -1,0 +1,121 @@
+"""Typed settings shared by several stages: the model shape and the training loop.
+
+Plain dataclasses with defaults; `pipeline.config` fills them from recipe YAML strictly. Each field's
+meaning is the comment under it. `validate()` raises `ConfigError` with the offending key; the key path
+prefix is added by the caller. No heavy imports here: `plan` must stay fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pipeline.config import ConfigError
+
+# name -> (layers, d_model, heads, kv_heads, ffn); small enough names that recipes read well.
+MODEL_SIZES: dict[str, tuple[int, int, int, int, int]] = {
+    "nano": (2, 64, 4, 2, 192),
+    "tiny": (4, 128, 4, 2, 384),
+    "small": (6, 256, 8, 4, 768),
+    "gpt2-small": (12, 768, 12, 12, 2048),
+    "1b": (16, 2048, 16, 8, 5632),
+}
+
+
+@dataclass
+class ModelSettings:
+    family: Literal["dense", "moe"] = "dense"
+    # dense: transformers Llama (RoPE, RMSNorm, SwiGLU, GQA); moe: transformers Qwen3-MoE (softmax top-k)
+    size: str = "tiny"
+    # a preset from MODEL_SIZES; the fields below override single dimensions when set
+    n_layers: int | None = None
+    d_model: int | None = None
+    n_heads: int | None = None
+    n_kv_heads: int | None = None
+    ffn_dim: int | None = None
+    # SwiGLU hidden width (per expert for moe)
+    max_seq_len: int = 1024
+    # maximum positions the model supports; the pretraining block size must not exceed it
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+    n_experts: int = 8
+    # moe only: experts per layer
+    top_k: int = 2
+    # moe only: experts each token is routed to
+    aux_loss_coef: float = 0.01
+    # moe only: weight of the load-balancing loss (Switch/Mixtral style)
+    z_loss_coef: float = 0.001
+    # moe only: weight of the router z-loss (ST-MoE), computed from the router logits
+    attention: Literal["auto", "triton", "sdpa", "eager"] = "auto"
+    # auto: our Triton flash-attention on CUDA, PyTorch SDPA on CPU
+    init_std: float = 0.02
+
+    def validate(self) -> None:
+        if self.size not in MODEL_SIZES:
+            raise ConfigError(f"size: unknown model size {self.size!r}; choose one of {', '.join(MODEL_SIZES)}")
+        layers, d_model, heads, kv_heads, _ = self.dims()
+        for key in ("n_layers", "d_model", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len", "n_experts", "top_k"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{key}: must be positive, got {value}")
+        if d_model % heads:
+            raise ConfigError(f"d_model: {d_model} is not divisible by n_heads={heads}")
+        if heads % kv_heads:
+            raise ConfigError(f"n_kv_heads: n_heads={heads} is not a multiple of n_kv_heads={kv_heads}")
+        if self.family == "moe" and self.top_k > self.n_experts:
+            raise ConfigError(f"top_k: {self.top_k} exceeds n_experts={self.n_experts}")
+
+    def dims(self) -> tuple[int, int, int, int, int]:
+        """(layers, d_model, heads, kv_heads, ffn) after applying overrides to the preset."""
+        layers, d_model, heads, kv_heads, ffn = MODEL_SIZES[self.size]
+        return (
+            self.n_layers or layers,
+            self.d_model or d_model,
+            self.n_heads or heads,
+            self.n_kv_heads or kv_heads,
+            self.ffn_dim or ffn,
+        )
+
+
+@dataclass
+class TrainSettings:
+    max_steps: int = 100
+    # optimizer steps
+    micro_batch_size: int = 8
+    # sequences per process per forward
+    grad_accum_steps: int = 1
+    learning_rate: float = 3e-4
+    min_lr_ratio: float = 0.1
+    # the schedule decays to learning_rate * min_lr_ratio
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    # cosine: warmup then cosine decay; wsd: warmup, stable, linear decay over the last decay_fraction
+    warmup_steps: int = 10
+    decay_fraction: float = 0.2
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_every: int = 50
+    # steps between validation evaluations (and a final one at the end)
+    eval_batches: int = 8
+    save_every: int = 50
+    # steps between resumable checkpoints (accelerate save_state)
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    activation_checkpointing: bool = False
+    compile: bool = False
+    # torch.compile the model (GPU)
+
+    def validate(self) -> None:
+        for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "eval_every", "eval_batches",
+                    "save_every", "keep_checkpoints", "log_every"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{key}: must be positive, got {getattr(self, key)}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate: must be positive, got {self.learning_rate}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        if self.grad_clip < 0:
+            raise ConfigError(f"grad_clip: must be >= 0, got {self.grad_clip}")

@@ -1,0 +1,103 @@
+"""Reading stage inputs: text corpora, datasets, tokenizers and checkpoints from any supported source."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.recipe import InputSpec
+from pipeline.stage import StageError
+
+TEXT_SUFFIXES = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def _hub_name(spec: InputSpec) -> tuple[str, str | None]:
+    name = spec.spec.split(":", 1)[1]
+    repo, _, revision = name.partition("@")
+    return repo, revision or None
+
+
+def _offline_error(spec: InputSpec, error: Exception) -> StageError:
+    return StageError(f"input {spec.name}: could not fetch {spec.spec} from the hub ({type(error).__name__}: "
+                      f"{error}). Without a network, point the recipe at a local folder instead")
+
+
+def load_dataset_input(spec: InputSpec, validation_fraction: float = 0.05, seed: int = 0):
+    """A `DatasetDict` with `train` and `validation` splits from any dataset/text source.
+
+    Sources without a validation split get one: `validation_fraction` of the rows, chosen by `seed`.
+    """
+    import datasets
+
+    if spec.kind == "builtin":
+        from pipeline.corpus import build_corpus
+
+        return build_corpus(spec.spec.split(":", 1)[1])
+    if spec.kind == "hub":
+        repo, revision = _hub_name(spec)
+        try:
+            data = datasets.load_dataset(repo, revision=revision)
+        except Exception as e:  # any network/hub failure: say what to do instead
+            raise _offline_error(spec, e) from None
+    else:
+        path = spec.path
+        if (path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists():
+            data = datasets.load_from_disk(str(path))
+        else:
+            files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES)
+            if not files:
+                raise StageError(f"input {spec.name}: no {', '.join(TEXT_SUFFIXES)} files in {path}")
+            kinds = {TEXT_SUFFIXES.get(p.suffix) for p in files}
+            if len(kinds) != 1 or None in kinds:
+                raise StageError(f"input {spec.name}: {path} mixes file types {sorted(map(str, kinds))}; use one")
+            kind = kinds.pop()
+            # plain text: one document per blank-line-separated paragraph
+            kwargs = {"sample_by": "paragraph"} if kind == "text" else {}
+            data = datasets.load_dataset(kind, data_files=[str(p) for p in files], **kwargs)
+    if isinstance(data, datasets.Dataset):
+        data = datasets.DatasetDict({"train": data})
+    if "validation" not in data:
+        if "train" not in data:
+            raise StageError(f"input {spec.name}: {spec.spec} has splits {list(data)}; expected train (and validation)")
+        split = data["train"].train_test_split(test_size=validation_fraction, seed=seed)
+        data = datasets.DatasetDict({"train": split["train"], "validation": split["test"]})
+    return data
+
+
+def require_columns(dataset, columns: list[str], spec: InputSpec) -> None:
+    """Fail before training when a column the stage needs is missing, naming it and the dataset."""
+    for split, part in dataset.items():
+        missing = [c for c in columns if c not in part.column_names]
+        if missing:
+            raise StageError(f"input {spec.name} ({spec.spec}), split {split}: missing column(s) "
+                             f"{', '.join(missing)}; it has {', '.join(part.column_names)}")
+
+
+def load_tokenizer_input(spec: InputSpec):
+    from transformers import AutoTokenizer
+
+    if spec.kind == "hub":
+        repo, revision = _hub_name(spec)
+        try:
+            return AutoTokenizer.from_pretrained(repo, revision=revision)
+        except Exception as e:
+            raise _offline_error(spec, e) from None
+    if spec.kind != "stage" and spec.kind != "path":
+        raise StageError(f"input {spec.name}: {spec.spec} is not a tokenizer")
+    if not (Path(spec.path) / "tokenizer_config.json").exists():
+        raise StageError(f"input {spec.name}: {spec.path} holds no tokenizer (tokenizer_config.json missing)")
+    return AutoTokenizer.from_pretrained(str(spec.path))
+
+
+def model_path(spec: InputSpec) -> str:
+    """A checkpoint reference for `from_pretrained`: a local folder, or a hub repo (downloaded first)."""
+    if spec.kind == "hub":
+        from huggingface_hub import snapshot_download
+
+        repo, revision = _hub_name(spec)
+        try:
+            return snapshot_download(repo, revision=revision)
+        except Exception as e:
+            raise _offline_error(spec, e) from None
+    if spec.path is None or not (Path(spec.path) / "config.json").exists():
+        raise StageError(f"input {spec.name}: {spec.path} holds no checkpoint (config.json missing)")
+    return str(spec.path)

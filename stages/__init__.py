@@ -1,0 +1,1 @@
+"""One module per pipeline stage; each runs alone (see its docstring)."""
