@@ -22,7 +22,7 @@ import copy
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import yaml
 
@@ -124,10 +124,61 @@ class PretrainSettings(StageSettings, TrainSettings):
         TrainSettings.validate(self)
 
 
+@dataclass
+class InstructionsSettings(StageSettings):
+    """The default task's data (pipeline/instruction_task.py): demonstrations, preferences, prompts."""
+
+    sft_train: int = 4000
+    sft_eval: int = 200
+    preference_kind: Literal["pairs", "rankings", "ratings"] = "pairs"
+    preference_train: int = 4000
+    preference_eval: int = 200
+    prompts_train: int = 2000
+    prompts_eval: int = 200
+
+    OUTPUTS: ClassVar = ("sft", "preferences", "prompts")
+
+    def validate(self) -> None:
+        super().validate()
+        for key in ("sft_train", "sft_eval", "preference_train", "preference_eval", "prompts_train", "prompts_eval"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}: must be at least 1, got {getattr(self, key)}")
+
+
+@dataclass
+class SFTSettings(StageSettings, TrainSettings):
+    max_length: int = 256
+    # tokens per conversation (longer ones are truncated); with packing, tokens per packed row
+    messages_column: str = "messages"
+    # a list of {role, content}; rendered with the tokenizer's chat template
+    prompt_column: str | None = None
+    completion_column: str | None = None
+    # instead of messages: build a user/assistant pair from these two columns
+    packing: bool = False
+    # several conversations per row, position ids restarting (no attention across them)
+    sample_prompts: int = 4
+    # validation prompts answered greedily after training (manifest and logs)
+    max_new_tokens: int = 64
+
+    INPUTS: ClassVar = {"model": "model", "data": "dataset"}
+    OUTPUTS: ClassVar = ("model",)
+    ACCELERATED: ClassVar = True
+
+    def validate(self) -> None:
+        StageSettings.validate(self)
+        TrainSettings.validate(self)
+        if (self.prompt_column is None) != (self.completion_column is None):
+            raise ConfigError("prompt_column: give both prompt_column and completion_column, or neither")
+        if self.max_length < 8:
+            raise ConfigError(f"max_length: must be at least 8, got {self.max_length}")
+
+
 STAGE_TYPES: dict[str, type[StageSettings]] = {
     "tokenizer": TokenizerSettings,
     "prepare": PrepareSettings,
     "pretrain": PretrainSettings,
+    "instructions": InstructionsSettings,
+    "sft": SFTSettings,
 }
 
 

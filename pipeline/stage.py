@@ -24,6 +24,7 @@ from pipeline.config import ConfigError, to_dict
 from pipeline.recipe import InputSpec, Recipe, load_recipe
 
 log = logging.getLogger("pipeline")
+LOG_FILES = ("metrics.jsonl", "train_log.jsonl", "tensorboard")  # copied from the work dir when publishing
 RUN_START_ENV = "PIPELINE_RUN_START"  # epoch seconds when `pipeline run` started (time-to-quality)
 
 
@@ -99,7 +100,7 @@ def build_manifest(ctx: StageContext, started: float) -> dict:
         "fingerprint": ctx.fingerprint,
         "inputs": {k: {"spec": v.spec, "kind": v.kind, "fingerprint": ctx.input_fingerprints[k],
                        **({"path": str(v.path)} if v.path else {})} for k, v in ctx.inputs.items()},
-        "outputs": sorted(p.name for p in ctx.staging_dir.iterdir()) if ctx.staging_dir.exists() else [],
+        "outputs": sorted(o for o in ctx.settings.OUTPUTS if (ctx.staging_dir / o).exists()),
         "settings": to_dict(ctx.settings),
         "model": to_dict(ctx.recipe.model) if ctx.settings.USES_MODEL else None,
         "seed": ctx.recipe.seed,
@@ -137,6 +138,13 @@ def stage_main(name: str, body: Callable[[StageContext], None], argv: list[str] 
         raise SystemExit(1) from None
     if is_main_process():
         final = ctx.recipe.stage_dir(name)
+        ctx.staging_dir.mkdir(parents=True, exist_ok=True)
+        for log_name in LOG_FILES:  # training curves travel with the outputs
+            src = ctx.work_dir / log_name
+            if src.is_dir():
+                shutil.copytree(src, ctx.staging_dir / log_name)
+            elif src.is_file():
+                shutil.copy2(src, ctx.staging_dir / log_name)
         artifacts.publish(ctx.staging_dir, final, build_manifest(ctx, started))
         log.info("published %s (fingerprint %s)", final, ctx.fingerprint)
 
