@@ -49,7 +49,8 @@ def make_accelerator(
         # the accelerate config (ACCELERATE_MIXED_PRECISION) wins; bf16 otherwise
         mixed = os.environ.get("ACCELERATE_MIXED_PRECISION") or "bf16"
     else:
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a plain single process has no process group
+            handlers.append(InitProcessGroupKwargs(backend="gloo"))
         mixed = "no"  # bf16 autocast on CPU is slow and changes the numbers tests compare
     accelerator = Accelerator(
         mixed_precision=mixed,

@@ -1,0 +1,95 @@
+"""Pretraining stage: a causal LM from scratch on the packed blocks of the prepare stage.
+
+    python -m stages.pretrain recipes/tiny.yaml                                   # CPU, one process
+    DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 accelerate launch --config_file recipes/accelerate/cpu_zero2.yaml \
+        --num_processes 2 -m stages.pretrain recipes/tiny.yaml                     # CPU, DeepSpeed ZeRO-2
+    accelerate launch --config_file accelerate_config.yaml -m stages.pretrain RECIPE.yaml   # 8 GPUs, ZeRO-2, bf16
+
+Inputs: `data` (a `datasets` folder with train/validation splits of packed blocks, see
+pipeline/packing.py) and `tokenizer`. Output `model/`: a Hugging Face checkpoint (config,
+safetensors, generation config, tokenizer) that loads with `AutoModelForCausalLM.from_pretrained`,
+plus `metrics.jsonl` (validation loss and bits per byte over training). Checkpoints for automatic
+resume live in the stage's work dir; rerunning after a crash continues from the latest one.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+from pipeline.config import ConfigError
+from pipeline.stage import StageContext, StageError, stage_main
+
+log = logging.getLogger("pipeline")
+
+
+def load_blocks(path, model_settings):
+    """The packed dataset, checked against the model before anything trains."""
+    import datasets
+
+    try:
+        data = datasets.load_from_disk(str(path))
+    except FileNotFoundError as e:
+        raise StageError(f"input data: {path} is not a saved datasets folder ({e})") from None
+    for split in ("train", "validation"):
+        if split not in data:
+            raise StageError(f"input data: {path} has no {split} split (it has {', '.join(data)})")
+        missing = {"input_ids", "position_ids"} - set(data[split].column_names)
+        if missing:
+            raise StageError(f"input data: split {split} lacks {', '.join(sorted(missing))}: "
+                             f"produce it with the prepare stage (pipeline.packing.pack_documents)")
+        if len(data[split]) == 0:
+            raise StageError(f"input data: split {split} has no blocks")
+    block_size = len(data["train"][0]["input_ids"]) - 1
+    if block_size > model_settings.max_seq_len:
+        raise ConfigError(f"model.max_seq_len: {model_settings.max_seq_len} is below the data's block size "
+                          f"{block_size}; raise model.max_seq_len or lower stages.prepare.block_size")
+    return data, block_size
+
+
+def run(ctx: StageContext) -> None:
+    from accelerate.utils import set_seed
+
+    from pipeline import distributed, models, packing, training
+    from pipeline.sources import load_tokenizer_input
+
+    s, model_settings = ctx.settings, ctx.recipe.model
+    tokenizer = load_tokenizer_input(ctx.inputs["tokenizer"])
+    data, block_size = load_blocks(ctx.inputs["data"].path, model_settings)
+    vocab_size = len(tokenizer)
+    top = max(max(row) for row in data["train"][: min(64, len(data["train"]))]["input_ids"])
+    if top >= vocab_size:
+        raise StageError(f"input data: token id {top} >= tokenizer vocabulary {vocab_size}: "
+                         f"the dataset was packed with another tokenizer")
+    train_data = data["train"].with_format("numpy")
+    val_data = data["validation"].with_format("numpy")
+
+    accelerator = distributed.make_accelerator(s.grad_accum_steps, ctx.work_dir / "tensorboard",
+                                               micro_batch_size=s.micro_batch_size, grad_clip=s.grad_clip)
+    setup = distributed.describe(accelerator)
+    log.info("pretraining on %s", setup)
+    set_seed(ctx.seed)
+    model = models.build_model(model_settings, vocab_size, tokenizer.bos_token_id, tokenizer.eos_token_id,
+                               tokenizer.pad_token_id)
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3 partitions
+    accelerator.init_trackers("pretrain")
+    evaluate = training.make_lm_evaluator(accelerator, val_data, packing.collate_blocks, s.micro_batch_size,
+                                          s.eval_batches, packing.token_byte_lengths(tokenizer))
+    model, summary = training.train(
+        accelerator, model, train_data, packing.collate_blocks,
+        lambda m, batch: models.causal_lm_loss(m, batch, model_settings),
+        s, ctx.work_dir, seed=ctx.seed, run_start=ctx.run_start, evaluate=evaluate,
+        flops_per_token=models.flops_per_token(model.config, block_size),
+        peak_flops=models.peak_flops(accelerator.device),
+    )
+    out = ctx.output_dir("model") if accelerator.is_main_process else None
+    training.export_model(accelerator, model, out, tokenizer)
+    if accelerator.is_main_process:
+        shutil.copy(ctx.work_dir / "metrics.jsonl", out / "metrics.jsonl")
+        ctx.metrics.update(summary)
+        ctx.metrics.update({"parameters": n_params, "block_size": block_size, "distributed": setup})
+    distributed.finish(accelerator)
+
+
+if __name__ == "__main__":
+    stage_main("pretrain", run)
