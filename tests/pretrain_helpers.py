@@ -34,3 +34,38 @@ def make_tokenizer(texts: list[str], vocab_size: int = 300):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+
+
+def texts_dataset(texts: list[str]):
+    import datasets
+
+    return datasets.Dataset.from_dict({"text": texts})
+
+
+def write_packed_data(root, n_docs: int = 240, n_val: int = 30, block_size: int = 32, seed: int = 0):
+    """Tokenizer folder + packed `datasets` folder (train/validation) under `root`; returns (tok_dir, data_dir)."""
+    import datasets
+
+    from pipeline.packing import pack_documents
+
+    texts = repetitive_texts(n_docs + n_val, seed)
+    tok = make_tokenizer(texts)
+    tok_dir, data_dir = root / "tokenizer", root / "data"
+    tok.save_pretrained(tok_dir)
+    datasets.DatasetDict({
+        "train": pack_documents(texts_dataset(texts[:n_docs]), tok, block_size, num_proc=1),
+        "validation": pack_documents(texts_dataset(texts[n_docs:]), tok, block_size, num_proc=1),
+    }).save_to_disk(str(data_dir))
+    return tok_dir, data_dir
+
+
+def pretrain_recipe(run_dir, tok_dir, data_dir, family: str = "dense", **train) -> dict:
+    """A recipe with only a pretrain stage reading local folders; `train` overrides its settings."""
+    settings = {"max_steps": 6, "micro_batch_size": 4, "learning_rate": 3e-3, "warmup_steps": 2,
+                "eval_every": 3, "save_every": 3, "log_every": 2, "eval_batches": 2, **train}
+    return {
+        "run_dir": str(run_dir),
+        "seed": 7,
+        "model": {"family": family, "size": "nano", "max_seq_len": 64, "n_experts": 4, "top_k": 2},
+        "stages": {"pretrain": {"inputs": {"data": str(data_dir), "tokenizer": str(tok_dir)}, **settings}},
+    }

@@ -1,0 +1,65 @@
+"""Packing documents into blocks, and token byte lengths for bits per byte."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from pretrain_helpers import make_tokenizer, repetitive_texts, texts_dataset  # noqa: E402
+
+from pipeline.packing import pack_documents, pack_stream, token_byte_lengths  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer(repetitive_texts(200) + ["héllo wörld ☃ 日本語 ünïcödé"])
+
+
+def test_pack_stream_layout():
+    # three documents of 3, 5 and 4 tokens; T=4 -> blocks of 5 overlapping by one token
+    docs = [[10, 11, 12], [20, 21, 22, 23, 24], [30, 31, 32, 33]]
+    stream = np.concatenate(docs)
+    out = pack_stream(stream, np.array([len(d) for d in docs]), 4)
+    assert out["input_ids"].shape == (2, 5)  # 12 tokens: (12 - 1) // 4 = 2 blocks, tail dropped
+    assert out["input_ids"].tolist() == [[10, 11, 12, 20, 21], [21, 22, 23, 24, 30]]
+    # positions restart at each document start and at each block start
+    assert out["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]]
+    # every stream token after the first is a target exactly once
+    targets = np.concatenate([b[1:] for b in out["input_ids"]])
+    assert targets.tolist() == stream[1:1 + targets.size].tolist()
+
+
+def test_pack_documents_adds_bos_eos_and_is_deterministic(tokenizer):
+    texts = repetitive_texts(1000, seed=3)
+    one = pack_documents(texts_dataset(texts), tokenizer, 64, num_proc=1)
+    two = pack_documents(texts_dataset(texts), tokenizer, 64, num_proc=2)
+    assert one.column_names == ["input_ids", "position_ids"]
+    assert one["input_ids"] == two["input_ids"] and one["position_ids"] == two["position_ids"]
+    ids, pos = np.array(one["input_ids"]), np.array(one["position_ids"])
+    assert ids.shape[1] == 65
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    stream = np.concatenate([ids[0], *(row[1:] for row in ids[1:])])  # undo the one-token overlap
+    expected = []
+    for text in texts[:5]:
+        expected += [bos, *tokenizer(text, add_special_tokens=False)["input_ids"], eos]
+    assert stream[: len(expected)].tolist() == expected
+    # a new document (BOS) always sits at position 0, right after an EOS
+    rows, cols = np.nonzero(ids == bos)
+    assert (pos[rows, cols] == 0).all()
+    inner = cols > 0
+    assert (ids[rows[inner], cols[inner] - 1] == eos).all()
+    # every document ends with EOS: count them once (the last column repeats the next block's first)
+    assert (ids[:, :-1] == eos).sum() + (ids[-1, -1] == eos) in (len(texts), len(texts) - 1)
+
+
+def test_token_byte_lengths_sum_to_utf8_bytes(tokenizer):
+    lengths = token_byte_lengths(tokenizer)
+    assert lengths.dtype == torch.long and lengths.numel() == len(tokenizer)
+    for special in tokenizer.all_special_ids:
+        assert lengths[special] == 0
+    for text in ["héllo wörld ☃ 日本語 ünïcödé", "to be or not to be", "naïve café \U0001F600"]:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert int(lengths[ids].sum()) == len(text.encode("utf-8"))
