@@ -4,6 +4,7 @@
     python -m pipeline plan recipes/tiny.yaml                 # status and command of each stage
     python -m pipeline run recipes/tiny.yaml --only pretrain stages.pretrain.max_steps=10
     python -m pipeline config recipes/tiny.yaml               # the resolved recipe, nothing run
+    python -m pipeline push runs/tiny/pretrain/model --repo ORG/NAME [--private] [--revision BRANCH]
 """
 
 from __future__ import annotations
@@ -28,7 +29,12 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("overrides", nargs="*", help="dotted KEY=VALUE, e.g. stages.pretrain.max_steps=10")
         p.add_argument("--only", action="append", metavar="STAGE", help="run only this stage (repeatable)")
         p.add_argument("--force", action="append", metavar="STAGE", help="re-run this stage even if done")
+    from pipeline.hub import add_push_arguments, cli_push
+
+    add_push_arguments(sub.add_parser("push", help="upload a published model, tokenizer or dataset to a hub repo"))
     args = parser.parse_args(argv)
+    if args.command == "push":
+        return cli_push(args)
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         if args.command == "config":
