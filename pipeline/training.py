@@ -387,6 +387,7 @@ def make_lm_evaluator(accelerator, val_data, collate, micro_batch_size: int, max
     n_batches = math.ceil(math.ceil(n / world) / micro_batch_size)
     lengths = None if byte_lengths is None else byte_lengths.to(accelerator.device)
 
+    @torch.no_grad()
     def evaluate(model) -> dict[str, float]:
         sums = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # ce, tokens, ce_text, bytes
         for b in range(n_batches):

@@ -69,3 +69,13 @@ def pretrain_recipe(run_dir, tok_dir, data_dir, family: str = "dense", **train) 
         "model": {"family": family, "size": "nano", "max_seq_len": 64, "n_experts": 4, "top_k": 2},
         "stages": {"pretrain": {"inputs": {"data": str(data_dir), "tokenizer": str(tok_dir)}, **settings}},
     }
+
+
+def one_thread():
+    """Generator for a module fixture: torch on one thread (2 shared cores spin badly with 2), restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

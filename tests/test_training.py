@@ -1,0 +1,242 @@
+"""The shared training loop: schedule, loss falls, export, resume, crash, NaN, bad settings."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from pretrain_helpers import one_thread, pretrain_recipe, write_packed_data  # noqa: E402
+
+from pipeline import models, training  # noqa: E402
+from pipeline.distributed import make_accelerator  # noqa: E402
+from pipeline.packing import collate_blocks, token_byte_lengths  # noqa: E402
+from pipeline.settings import ModelSettings, TrainSettings  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = ModelSettings(size="nano", max_seq_len=64)
+
+single_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    """(tokenizer, train blocks, validation blocks, folders) of a small repetitive corpus, 32-token blocks."""
+    import datasets
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("packed")
+    tok_dir, data_dir = write_packed_data(root)
+    data = datasets.load_from_disk(str(data_dir))
+    return (AutoTokenizer.from_pretrained(tok_dir), data["train"].with_format("numpy"),
+            data["validation"].with_format("numpy"), tok_dir, data_dir)
+
+
+def settings(**kw) -> TrainSettings:
+    base = dict(max_steps=8, micro_batch_size=4, grad_accum_steps=2, learning_rate=3e-3, warmup_steps=2,
+                eval_every=1000, save_every=1000, log_every=4)
+    return TrainSettings(**{**base, **kw})
+
+
+def run_training(packed, work_dir, train_settings, loss_fn=None, evaluate=False, on_step=None):
+    tok, train_data, val_data, *_ = packed
+    accelerator = make_accelerator(train_settings.grad_accum_steps, None, micro_batch_size=train_settings.micro_batch_size)
+    torch.manual_seed(0)
+    model = models.build_model(MODEL, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    evaluator = training.make_lm_evaluator(accelerator, val_data, collate_blocks, 4, 4, token_byte_lengths(tok)) if evaluate else None
+    loss_fn = loss_fn or (lambda m, b: models.causal_lm_loss(m, b, MODEL))
+    model, summary = training.train(accelerator, model, train_data, collate_blocks, loss_fn, train_settings, work_dir,
+                                    seed=0, run_start=time.time() - 100, evaluate=evaluator, on_step=on_step)
+    return accelerator, model, summary
+
+
+def losses(work_dir) -> dict[int, float]:
+    rows = [json.loads(line) for line in (Path(work_dir) / "train_log.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+# --- schedule and optimizer ---
+
+def test_lr_schedules():
+    cos = TrainSettings(max_steps=100, warmup_steps=10, min_lr_ratio=0.1, schedule="cosine")
+    f = [training.lr_multiplier(s, cos) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[10:], f[11:])) and f[-1] == pytest.approx(0.1, abs=1e-3)
+    wsd = TrainSettings(max_steps=100, warmup_steps=10, min_lr_ratio=0.0, schedule="wsd", decay_fraction=0.2)
+    g = [training.lr_multiplier(s, wsd) for s in range(100)]
+    assert g[10:80] == [1.0] * 70 and g[80] < 1.0 and g[-1] == pytest.approx(0.0)
+    const = TrainSettings(max_steps=100, warmup_steps=0, schedule="constant")
+    assert {training.lr_multiplier(s, const) for s in range(100)} == {1.0}
+
+
+def test_weight_decay_only_on_matrices():
+    model = models.build_model(ModelSettings(size="nano", max_seq_len=64, tie_embeddings=False), 300, 0, 1, 2)
+    opt = training.build_optimizer(model, TrainSettings(weight_decay=0.1))
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    plain = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert decayed and all(".weight" in n and "norm" not in n and "embed" not in n and "lm_head" not in n for n in decayed)
+    assert "model.embed_tokens.weight" in plain and "lm_head.weight" in plain
+    assert any("norm" in n for n in plain)
+    assert len(decayed) + len(plain) == len(names)
+
+
+# --- training behaviour ---
+
+def test_validation_loss_falls_and_metrics_are_written(packed, tmp_path):
+    s = settings(max_steps=40, grad_accum_steps=1, micro_batch_size=8, eval_every=10, learning_rate=5e-3)
+    _, _, summary = run_training(packed, tmp_path, s, evaluate=True)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [10, 20, 30, 40]
+    assert set(rows[0]) == {"step", "tokens", "val_loss", "val_bpb", "elapsed_s"}
+    assert rows[-1]["tokens"] == 40 * 8 * 32 and rows[0]["elapsed_s"] >= 100  # run_start was 100 s ago
+    first, last = rows[0]["val_loss"], rows[-1]["val_loss"]
+    assert last < 0.6 * first, rows
+    assert summary["final_val_loss"] == last and summary["final_val_bpb"] < rows[0]["val_bpb"]
+    assert last < math.log(300) / 2  # far below a uniform guess
+
+
+def test_bits_per_byte_counts_text_bytes_only(packed):
+    tok, _, val_data, *_ = packed
+    accelerator = make_accelerator(1, None)
+    torch.manual_seed(1)
+    model = models.build_model(MODEL, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id).eval()
+    lengths = token_byte_lengths(tok)
+    result = training.make_lm_evaluator(accelerator, val_data, collate_blocks, 4, 2, lengths)(model)
+    batch = collate_blocks([val_data[i] for i in range(8)])
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"][:, :-1], position_ids=batch["position_ids"][:, :-1],
+                       use_cache=False).logits
+    targets = batch["input_ids"][:, 1:]
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+    text = lengths[targets.flatten()] > 0
+    assert result["val_loss"] == pytest.approx(ce.mean().item(), rel=1e-5)
+    bpb = ce[text].sum().item() / math.log(2) / lengths[targets.flatten()].sum().item()
+    assert result["val_bpb"] == pytest.approx(bpb, rel=1e-5)
+
+
+def test_export_reloads_in_fresh_process_with_identical_logits(packed, tmp_path):
+    tok, train_data, *_ = packed
+    accelerator, model, _ = run_training(packed, tmp_path / "work", settings(max_steps=3))
+    out = tmp_path / "model"
+    training.export_model(accelerator, model, out, tok)
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    assert not list(out.glob("*.bin"))
+    batch = collate_blocks([train_data[i] for i in range(2)])
+    ids = batch["input_ids"][:, :-1]
+    torch.save(ids, tmp_path / "ids.pt")
+    with torch.no_grad():
+        expected = accelerator.unwrap_model(model).eval()(input_ids=ids).logits
+    code = ("import sys, torch; from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig\n"
+            "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval(); AutoTokenizer.from_pretrained(sys.argv[1])\n"
+            "g = GenerationConfig.from_pretrained(sys.argv[1]); assert g.eos_token_id == m.config.eos_token_id == 1\n"
+            "torch.save(m(input_ids=torch.load(sys.argv[2])).logits.detach(), sys.argv[3])")
+    subprocess.run([sys.executable, "-c", code, str(out), str(tmp_path / "ids.pt"), str(tmp_path / "logits.pt")],
+                   check=True, cwd=tmp_path, timeout=300)
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_resume_follows_the_uninterrupted_loss_curve(packed, tmp_path):
+    s = settings(max_steps=8, save_every=3, keep_checkpoints=2)
+    run_training(packed, tmp_path / "straight", s)
+    straight = losses(tmp_path / "straight")
+    assert sorted(straight) == list(range(1, 9))
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_5(step, loss):
+        if step == 5:
+            raise Crash
+
+    with pytest.raises(Crash):
+        run_training(packed, tmp_path / "resumed", s, on_step=crash_at_5)
+    assert [p.name for p in training.list_checkpoints(tmp_path / "resumed")] == ["step-000003"]
+    _, _, summary = run_training(packed, tmp_path / "resumed", s)
+    assert summary["resumed_from_step"] == 3 and summary["steps"] == 8
+    resumed = losses(tmp_path / "resumed")
+    assert sorted(resumed) == list(range(1, 9))  # steps 4-5 of the crashed attempt were replaced
+    for step in range(1, 9):
+        assert resumed[step] == pytest.approx(straight[step], rel=1e-6, abs=1e-7), step
+    # keep_checkpoints=2 and a final save at max_steps
+    assert [p.name for p in training.list_checkpoints(tmp_path / "resumed")] == ["step-000006", "step-000008"]
+
+
+def test_kill_9_loses_at_most_the_steps_since_the_last_checkpoint(packed, tmp_path):
+    data_dir = packed[4]
+    work = tmp_path / "work"
+    cmd = [sys.executable, str(ROOT / "tests" / "pretrain_train_script.py"), str(data_dir), str(work),
+           "--max-steps", "16", "--save-every", "4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([*cmd, "--delay", "0.3"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = work / "train_log.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) >= 10:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "training finished or failed before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = losses(work)
+    killed_at = max(before)
+    saved = training.list_checkpoints(work)
+    last_saved = int(saved[-1].name.split("-")[1])
+    assert killed_at - last_saved <= 4 and last_saved >= 8
+    subprocess.run(cmd, env=env, check=True, timeout=300, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    summary = json.loads((work / "summary.json").read_text())
+    assert summary["resumed_from_step"] == last_saved and summary["steps"] == 16
+    after = losses(work)
+    assert sorted(after) == list(range(1, 17))
+    for step in range(1, killed_at + 1):  # the replayed steps reproduce the killed run
+        assert after[step] == pytest.approx(before[step], rel=1e-6, abs=1e-7), step
+    assert not list((work / "checkpoints").glob("*.tmp"))
+
+
+def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(packed, tmp_path):
+    s = settings(max_steps=8, save_every=2, grad_accum_steps=1)
+    calls = {"n": 0}
+
+    def poisoned(model, batch):
+        loss, aux = models.causal_lm_loss(model, batch, MODEL)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == 5 else loss), aux
+
+    with pytest.raises(training.NonFiniteLossError, match="at step 5"):
+        run_training(packed, tmp_path, s, loss_fn=poisoned)
+    assert [p.name for p in training.list_checkpoints(tmp_path)] == ["step-000002", "step-000004"]
+    assert sorted(losses(tmp_path)) == [1, 2, 3, 4]
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+
+
+# --- bad settings fail before training ---
+
+def _stage(argv, capsys):
+    from pipeline.stage import stage_main
+    from stages.pretrain import run
+
+    with pytest.raises(SystemExit) as exit_info:
+        stage_main("pretrain", run, argv=argv)
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def test_bad_values_fail_before_training_naming_the_key(packed, tmp_path, capsys):
+    import yaml
+
+    tok_dir, data_dir = packed[3], packed[4]
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(pretrain_recipe(tmp_path / "run", tok_dir, data_dir)))
+    code, err = _stage([str(recipe), "stages.pretrain.learning_rate=-0.1"], capsys)
+    assert code == 2 and "stages.pretrain.learning_rate" in err
+    # the packed blocks hold 32 tokens; a model with 16 positions cannot read them
+    code, err = _stage([str(recipe), "model.max_seq_len=16"], capsys)
+    assert code == 1 and "model.max_seq_len" in err and "32" in err
+    assert not (tmp_path / "run" / ".work" / "pretrain" / "checkpoints").exists()
+    assert not (tmp_path / "run" / "pretrain").exists()
