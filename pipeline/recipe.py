@@ -173,12 +173,37 @@ class SFTSettings(StageSettings, TrainSettings):
             raise ConfigError(f"max_length: must be at least 8, got {self.max_length}")
 
 
+@dataclass
+class RewardSettings(StageSettings, TrainSettings):
+    format: Literal["auto", "pairs", "rankings", "ratings"] = "auto"
+    # auto: detected from the columns (pipeline/preferences.py lists them)
+    max_length: int = 256
+    # tokens of prompt + response the reward model reads (the start is cut, the end is kept)
+    use_margin: bool = False
+    # subtract the pair's margin (rating/rank difference, or a `margin` column) inside the loss (Llama 2)
+    min_rating_gap: float = 0.0
+    # ratings: two responses form a pair only when their ratings differ by more than this
+
+    INPUTS: ClassVar = {"model": "model", "data": "dataset"}
+    OUTPUTS: ClassVar = ("model",)
+    ACCELERATED: ClassVar = True
+
+    def validate(self) -> None:
+        StageSettings.validate(self)
+        TrainSettings.validate(self)
+        if self.max_length < 8:
+            raise ConfigError(f"max_length: must be at least 8, got {self.max_length}")
+        if self.min_rating_gap < 0:
+            raise ConfigError(f"min_rating_gap: must be >= 0, got {self.min_rating_gap}")
+
+
 STAGE_TYPES: dict[str, type[StageSettings]] = {
     "tokenizer": TokenizerSettings,
     "prepare": PrepareSettings,
     "pretrain": PretrainSettings,
     "instructions": InstructionsSettings,
     "sft": SFTSettings,
+    "reward": RewardSettings,
 }
 
 
