@@ -30,6 +30,12 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def _launched_distributed() -> bool:
+    # under a launcher (torchrun/accelerate/deepspeed set WORLD_SIZE) gloo must be forced; a plain
+    # `python` process given a backend would wait for a process group nobody starts
+    return "WORLD_SIZE" in os.environ or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+
+
 def make_accelerator(
     grad_accum_steps: int,
     log_dir: Path | None,
@@ -49,7 +55,7 @@ def make_accelerator(
         # the accelerate config (ACCELERATE_MIXED_PRECISION) wins; bf16 otherwise
         mixed = os.environ.get("ACCELERATE_MIXED_PRECISION") or "bf16"
     else:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a plain single process has no process group
+        if _launched_distributed():
             handlers.append(InitProcessGroupKwargs(backend="gloo"))
         mixed = "no"  # bf16 autocast on CPU is slow and changes the numbers tests compare
     accelerator = Accelerator(
@@ -79,11 +85,13 @@ def make_accelerator(
     return accelerator
 
 
-def launch_env(num_processes: int, *, deepspeed: bool = True, environ: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment variables to add when launching a stage with `num_processes` processes on this machine.
+def launch_env(num_processes: int, config_file: str | Path | None = None,
+               environ: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment variables to add when launching a stage with `num_processes` processes here.
 
-    `deepspeed`: whether the accelerate config used is a DeepSpeed one (decides plain DDP on CPU).
-    Variables already present in `environ` (default `os.environ`) are kept as they are.
+    `config_file`: the accelerate config used (None: plain DDP via `--multi_gpu`); a non-DeepSpeed
+    multi-process launch on a machine without CUDA needs ACCELERATE_USE_CPU=true. Variables already
+    present in `environ` (default `os.environ`) are left as they are.
     """
     environ = os.environ if environ is None else environ
     env: dict[str, str] = {}
@@ -91,12 +99,14 @@ def launch_env(num_processes: int, *, deepspeed: bool = True, environ: dict[str,
         # DeepSpeed JIT-compiles ops (shm_comm ~40 s) on first use: compile once per machine
         env["TORCH_EXTENSIONS_DIR"] = str(TORCH_EXTENSIONS_CACHE.expanduser())
     if not _cuda():
-        env["DS_ACCELERATOR"] = environ.get("DS_ACCELERATOR", "cpu")
+        if "DS_ACCELERATOR" not in environ:
+            env["DS_ACCELERATOR"] = "cpu"
         if "OMP_NUM_THREADS" not in environ:
             # processes sharing the cores oversubscribe badly otherwise
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, num_processes)))
-        if num_processes > 1 and not deepspeed:
-            env["ACCELERATE_USE_CPU"] = "true"  # plain DDP on CPU: `accelerate launch --multi_gpu`
+        deepspeed = config_file is not None and is_deepspeed_config(config_file)
+        if num_processes > 1 and not deepspeed and "ACCELERATE_USE_CPU" not in environ:
+            env["ACCELERATE_USE_CPU"] = "true"  # plain DDP on CPU (`accelerate launch --multi_gpu`)
     return env
 
 
