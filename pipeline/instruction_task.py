@@ -28,7 +28,7 @@ import math
 import random
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 TASK_VERSION = "1"  # bump when sentences, templates, references or the judge change
 EVAL_FRACTION = 0.2  # share of sentences held out for evaluation
@@ -232,6 +232,8 @@ def make_examples(n: int, seed: int, split: str, stream: str = "sft") -> list[Ex
     stream, so SFT, preference and PPO prompts differ for the same seed.
     """
     pool = list(split_sentences(split))
+    if not pool and n > 0:
+        raise ValueError(f"no {split} sentences in the embedded corpus of this Python")
     rng = random.Random(f"instruction-task:v{TASK_VERSION}:{seed}:{_check_split(split)}:{stream}")
     types, weights = zip(*TEMPLATES)
     examples: list[Example] = []
@@ -643,7 +645,3 @@ def build_preference_dataset(kind: str = "pairs", n_train: int = 4000, n_eval: i
         return [make_row(ex, rng) for ex in make_examples(n, seed, split, stream=f"preference-{kind}")]
 
     return _splits(rows, Features(features[kind]), n_train, n_eval)
-
-
-def example_to_dict(ex: Example) -> dict:
-    return asdict(ex)
