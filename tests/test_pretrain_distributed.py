@@ -1,4 +1,4 @@
-"""The pretrain stage under `accelerate launch` with 2 CPU processes: DeepSpeed ZeRO-2 and ZeRO-3.
+"""The pretrain stage under `accelerate launch` with 2 CPU processes: DeepSpeed ZeRO-2/3 and plain DDP.
 
 Asserts the run really was distributed (accelerate silently falls back to one process in some
 setups), that data parallelism with the same global batch follows the single-process loss curve,
@@ -68,13 +68,14 @@ def accelerate_launch(config: str) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_two_processes_train_and_export(stage, data, tmp_path):
-    config = str(ROOT / f"recipes/accelerate/cpu_zero{stage}.yaml")
+@pytest.mark.parametrize("config_name, kind, stage", [("cpu_zero2", "DEEPSPEED", 2), ("cpu_zero3", "DEEPSPEED", 3),
+                                                      ("cpu_ddp", "MULTI_CPU", None)])
+def test_two_processes_train_and_export(config_name, kind, stage, data, tmp_path):
+    config = str(ROOT / f"recipes/accelerate/{config_name}.yaml")
     manifest, losses = run_stage(tmp_path, data, "ds", accelerate_launch(config), 2, config)
     metrics = manifest["metrics"]
     setup = metrics["distributed"]
-    assert setup["num_processes"] == 2 and setup["distributed_type"] == "DEEPSPEED" and setup["zero_stage"] == stage
+    assert setup["num_processes"] == 2 and setup["distributed_type"] == kind and setup["zero_stage"] == stage
     assert metrics["steps"] == 6 and metrics["tokens"] == 6 * 2 * 2 * 32  # steps * mbs * ranks * block
     model_dir = tmp_path / "ds" / "pretrain" / "model"
     assert (model_dir / "model.safetensors").exists()
