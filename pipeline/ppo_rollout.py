@@ -121,20 +121,22 @@ def generate_responses(
     eos = _eos_tensor(eos_token_id, device)
     sync = sync_ranks and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
-    attention_mask = query_mask.long()
-    next_position = attention_mask.sum(-1, keepdim=True)  # [B, 1]
+    P = query.shape[1]
+    query_mask = query_mask.long()
+    # preallocated [query mask | ones]: each decode step passes a view, no per-step concatenation
+    full_mask = torch.cat([query_mask, query_mask.new_ones(B, max_new_tokens)], dim=1)
+    next_position = query_mask.sum(-1, keepdim=True)  # [B, 1]
     cache = DynamicCache(config=model.config)
     out = model(
         input_ids=query,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
+        attention_mask=query_mask,
+        position_ids=position_ids_from_mask(query_mask),
         past_key_values=cache,
         use_cache=True,
         logits_to_keep=1,
     )
     tokens, logprobs = [], []
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    ones = attention_mask.new_ones(B, 1)
     for step in range(max_new_tokens):
         logits = out.logits[:, -1, :].float() / temperature
         if top_k is not None and top_k > 0:
@@ -146,7 +148,7 @@ def generate_responses(
         tokens.append(token)
         logprobs.append(log_probs.gather(1, token))
         if eos is not None:
-            finished = finished | torch.isin(token[:, 0], eos)
+            finished = finished | (token == eos).any(-1)
         if step == max_new_tokens - 1:
             break
         # one sync per token, as in HF generate; under ZeRO-3 all ranks must agree to stop
@@ -157,10 +159,9 @@ def generate_responses(
             done = flag == 0
         if bool(done):
             break
-        attention_mask = torch.cat([attention_mask, ones], dim=1)
         out = model(
             input_ids=token,
-            attention_mask=attention_mask,
+            attention_mask=full_mask[:, : P + step + 1],
             position_ids=next_position + step,
             past_key_values=out.past_key_values,
             use_cache=True,
@@ -170,7 +171,7 @@ def generate_responses(
     response_mask, ended = response_mask_from_eos(response, eos)
     response = torch.where(response_mask.bool(), response, torch.full_like(response, pad_token_id))
     sample_logprobs = torch.where(response_mask.bool(), torch.cat(logprobs, dim=1), 0.0)
-    return Rollout(query, query_mask.long(), response, response_mask, ended, sample_logprobs)
+    return Rollout(query, query_mask, response, response_mask, ended, sample_logprobs)
 
 
 # ---------------------------------------------------------------------------

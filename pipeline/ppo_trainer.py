@@ -167,6 +167,11 @@ class PPOTrainer:
                 raise ValueError("under DeepSpeed the policy and value optimizers are merged and must be of the same class")
             for group in value_optimizer.param_groups:
                 policy_optimizer.add_param_group(dict(group))
+            # no dataloader goes through prepare, so DeepSpeed cannot infer "auto" batch sizes; ours are
+            # set per call anyway (the engine steps on every backward: gradient_accumulation_steps 1)
+            ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+            if ds_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+                ds_config["train_micro_batch_size_per_gpu"] = 1
             self.model, self.policy_optimizer = accelerator.prepare(wrapper, policy_optimizer)
             self.value_optimizer = None
         else:
@@ -311,16 +316,18 @@ class PPOTrainer:
                 "grad_norm/policy": stats[:, 5].mean(),
                 "response_length": fmask.sum(1).mean(),
                 "eos_rate": roll.ended_with_eos.float().mean(),
+                "batch_size": torch.tensor(float(B), device=mask.device),
             }
             vec = torch.stack([t.float().reshape(()) for t in metric_tensors.values()])
             if acc.num_processes > 1:
                 vec = acc.reduce(vec, reduction="mean")
             metrics = dict(zip(metric_tensors, vec.tolist()))
 
+        step_episodes = round(metrics.pop("batch_size") * acc.num_processes)  # summed over processes
         metrics["kl_coef"] = kl_coef
-        self.kl_ctl.update(metrics["kl"], B * acc.num_processes)
+        self.kl_ctl.update(metrics["kl"], step_episodes)
         self.global_step += 1
-        self.episodes += B * acc.num_processes
+        self.episodes += step_episodes
         metrics["episodes"] = self.episodes
         self.last_batch = dict(
             rollout=roll, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, old_values=old_values,

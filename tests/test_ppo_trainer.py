@@ -1,6 +1,7 @@
 """PPO end to end on tiny Llama models (CPU, single process): learning, KL control, temperature,
 left padding, post-EOS masking."""
 
+import math
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -297,3 +298,76 @@ def test_missing_eos_penalty_and_reward_normalisation():
     kl_part = b["rewards"].clone()
     kl_part[torch.arange(len(last)), last] -= b["scores"]
     assert kl_part.abs().max() < 1.0
+
+
+# ---------------------------------------------------------------------------
+# ZeRO-3 with 2 CPU processes: sharded policy/value/ref, generation kept in lockstep across ranks
+
+ZERO3_CONFIG = """\
+compute_environment: LOCAL_MACHINE
+distributed_type: DEEPSPEED
+deepspeed_config: {zero_stage: 3, gradient_accumulation_steps: 1, gradient_clipping: 1.0,
+                   offload_optimizer_device: none, offload_param_device: none,
+                   zero3_init_flag: true, zero3_save_16bit_model: true}
+mixed_precision: 'no'
+machine_rank: 0
+num_machines: 1
+num_processes: 2
+rdzv_backend: static
+same_network: true
+use_cpu: false
+"""
+
+ZERO3_SCRIPT = """\
+import json, math, sys
+import torch
+torch.set_num_threads(1)
+sys.path.insert(0, sys.argv[1])
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
+from tests.test_ppo_trainer import PPOSettings, PPOTrainer, count_target, prompts, tiny_models
+
+policy, ref, value = tiny_models()  # before the Accelerator: zero3_init_flag would partition at construction
+acc = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
+
+
+class Tokenizer:  # many stop ids: rank 0 (one prompt) stops early, rank 1 (eight) rarely; loops must stay in step
+    pad_token_id, eos_token_id = 0, [2, 6, 7, 8, 9, 10, 11, 12]
+
+
+trainer = PPOTrainer(policy, ref, value, count_target, Tokenizer(), PPOSettings(max_new_tokens=8, ppo_epochs=2,
+                     num_minibatches=1, temperature=0.9, kl_coef=0.01), acc,
+                     torch.optim.Adam(policy.parameters(), lr=3e-3), torch.optim.Adam(value.parameters(), lr=3e-3))
+batch = prompts(1 if acc.process_index == 0 else 8, seed=acc.process_index)
+history = [trainer.step(batch) for _ in range(3)]
+if acc.is_main_process:
+    print("RESULT " + json.dumps({"num_processes": acc.num_processes, "type": str(acc.distributed_type),
+          "stage": acc.state.deepspeed_plugin.zero_stage, "history": history}))
+acc.wait_for_everyone()
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_zero3_two_processes(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    (tmp_path / "zero3.yaml").write_text(ZERO3_CONFIG)
+    (tmp_path / "run.py").write_text(ZERO3_SCRIPT)
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "llm-pipeline" / "torch_extensions"))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "zero3.yaml"),
+           "--num_processes", "2", str(tmp_path / "run.py"), str(root)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=420)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-5000:]
+    result = json.loads(lines[0][len("RESULT ") :])
+    assert result["num_processes"] == 2 and result["type"].endswith("DEEPSPEED") and result["stage"] == 3
+    first = result["history"][0]
+    assert first["policy/approx_kl_first"] == 0.0 and abs(first["kl"]) < 1e-4
+    assert first["episodes"] == 9
+    for m in result["history"]:
+        assert all(math.isfinite(v) for v in m.values()), m
