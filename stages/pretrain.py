@@ -7,15 +7,15 @@
 
 Inputs: `data` (a `datasets` folder with train/validation splits of packed blocks, see
 pipeline/packing.py) and `tokenizer`. Output `model/`: a Hugging Face checkpoint (config,
-safetensors, generation config, tokenizer) that loads with `AutoModelForCausalLM.from_pretrained`,
-plus `metrics.jsonl` (validation loss and bits per byte over training). Checkpoints for automatic
-resume live in the stage's work dir; rerunning after a crash continues from the latest one.
+safetensors, generation config, tokenizer) that loads with `AutoModelForCausalLM.from_pretrained`.
+Next to it (copied by pipeline.stage): `metrics.jsonl` (validation loss and bits per byte over
+training), `train_log.jsonl` (per-step loss, lr, grad norm) and `tensorboard/`. Checkpoints for
+automatic resume live in the stage's work dir; rerunning after a crash continues from the latest.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 
 from pipeline.config import ConfigError
 from pipeline.stage import StageContext, StageError, stage_main
@@ -85,7 +85,6 @@ def run(ctx: StageContext) -> None:
     out = ctx.output_dir("model") if accelerator.is_main_process else None
     training.export_model(accelerator, model, out, tokenizer)
     if accelerator.is_main_process:
-        shutil.copy(ctx.work_dir / "metrics.jsonl", out / "metrics.jsonl")
         ctx.metrics.update(summary)
         ctx.metrics.update({"parameters": n_params, "block_size": block_size, "distributed": setup})
     distributed.finish(accelerator)
