@@ -102,6 +102,22 @@ class PolicyAndValue(nn.Module):
         return lp, values
 
 
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout off for good (PPO ratios need identical train/eval forwards): nn.Dropout p=0 and float
+    `*dropout*` attributes of modules and config (e.g. Llama's attention_dropout) set to 0."""
+    config = getattr(model, "config", None)
+    if config is not None:
+        for key, value in list(vars(config).items()):
+            if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
+                setattr(config, key, 0.0)
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for key, value in list(vars(module).items()):
+            if "dropout" in key and isinstance(value, float):
+                setattr(module, key, 0.0)
+
+
 def _distributed_type(accelerator) -> str:
     return str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type)).upper()
 
@@ -156,9 +172,10 @@ class PPOTrainer:
         if self.pad_token_id is None:
             raise ValueError("tokenizer needs a pad_token_id or an eos_token_id")
 
-        # dropout off in all models: eval() for the whole run, gradients still flow
-        for m in (policy, value_model):
-            m.eval()
+        # dropout off in all models; rollouts run in eval(), updates in train() (only so that gradient
+        # checkpointing, which transformers applies in training mode, works; the forwards are identical)
+        for m in (policy, value_model, ref_policy):
+            disable_dropout(m)
         self.is_deepspeed = _distributed_type(accelerator) == "DEEPSPEED"
         self.sync_generation = _zero_stage(accelerator) == 3 or _distributed_type(accelerator) == "FSDP"
         wrapper = PolicyAndValue(policy, value_model)
@@ -283,6 +300,7 @@ class PPOTrainer:
         B = input_ids.shape[0]
         n_mb = min(s.num_minibatches, B)
         stats = []  # per minibatch: pg_loss, clipfrac, approx_kl, vf_loss, vf_clipfrac, grad_norm
+        self.model.train()
         for _ in range(s.ppo_epochs):
             perm = torch.randperm(B, generator=self.shuffle_generator).to(input_ids.device)
             for idx in torch.tensor_split(perm, n_mb):
@@ -294,6 +312,7 @@ class PPOTrainer:
                     loss = pg_loss + s.vf_coef * vf_loss
                 grad_norm = self._backward_and_step(loss)
                 stats.append(torch.stack([pg_loss.detach(), clipfrac, approx_kl, vf_loss.detach(), vf_clipfrac, grad_norm.float().reshape(())]))
+        self.model.eval()
         stats = torch.stack(stats)
 
         # 4. metrics: one stacked reduce and one host sync

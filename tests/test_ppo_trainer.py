@@ -236,6 +236,24 @@ def test_to_left_padded_and_reward_scores_with_pad_equal_eos():
     torch.testing.assert_close(scores[0], alone[0], rtol=0, atol=1e-5)
 
 
+def test_dropout_is_disabled_and_gradient_checkpointing_works():
+    # GPT-2 ships with dropout 0.1 (nn.Dropout modules); the update runs in train() mode (so that gradient
+    # checkpointing applies), so any live dropout would make the first ratio != 1
+    policy, value = gpt2_models(3)
+    ref = type(policy)(policy.config)
+    ref.load_state_dict(policy.state_dict())
+    assert policy.config.resid_pdrop > 0
+    policy.activation_checkpointing_enable() if hasattr(policy, "activation_checkpointing_enable") else policy.gradient_checkpointing_enable()
+    s = PPOSettings(max_new_tokens=6, ppo_epochs=2, num_minibatches=2, temperature=0.8)
+    trainer = PPOTrainer(policy, ref, value, count_target, Tokenizer(), s, Accelerator(cpu=True),
+                         torch.optim.Adam(policy.parameters(), lr=1e-3), torch.optim.Adam(value.parameters(), lr=1e-3))
+    before = [p.detach().clone() for p in policy.parameters()]
+    metrics = trainer.step(prompts(8))
+    assert metrics["policy/approx_kl_first"] == 0.0 and metrics["kl"] == pytest.approx(0.0, abs=1e-4)
+    assert all(not torch.equal(b, p) for b, p in zip(before, policy.parameters()) if p.requires_grad)
+    assert all(m.p == 0.0 for m in policy.modules() if isinstance(m, torch.nn.Dropout))
+
+
 # ---------------------------------------------------------------------------
 # (e) post-EOS tokens
 
