@@ -17,6 +17,25 @@ from pipeline import distributed, models, packing, training  # noqa: E402
 from pipeline.settings import ModelSettings, TrainSettings  # noqa: E402
 
 
+def train_nano(data_dir, work_dir, max_steps: int, save_every: int, delay: float = 0.0) -> dict:
+    """Train (or resume) the nano dense model; returns the training summary."""
+    import datasets
+    from accelerate.utils import set_seed
+
+    data = datasets.load_from_disk(str(data_dir))["train"].with_format("numpy")
+    settings = ModelSettings(size="nano", max_seq_len=64)
+    train = TrainSettings(max_steps=max_steps, micro_batch_size=4, learning_rate=3e-3, warmup_steps=2,
+                          eval_every=1000, save_every=save_every, log_every=5)
+    accelerator = distributed.make_accelerator(1, None, micro_batch_size=4)
+    set_seed(0)
+    model = models.build_model(settings, 300, 0, 1, 2)
+    _, summary = training.train(accelerator, model, data, packing.collate_blocks,
+                                lambda m, b: models.causal_lm_loss(m, b, settings), train, Path(work_dir),
+                                seed=0, on_step=lambda step, loss: time.sleep(delay))
+    distributed.finish(accelerator)
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("data")
@@ -25,22 +44,8 @@ def main() -> None:
     parser.add_argument("--save-every", type=int, default=4)
     parser.add_argument("--delay", type=float, default=0.0, help="seconds to sleep after each step")
     args = parser.parse_args()
-
-    import datasets
-    from accelerate.utils import set_seed
-
-    data = datasets.load_from_disk(args.data)["train"].with_format("numpy")
-    settings = ModelSettings(size="nano", max_seq_len=64)
-    train = TrainSettings(max_steps=args.max_steps, micro_batch_size=4, learning_rate=3e-3, warmup_steps=2,
-                          eval_every=1000, save_every=args.save_every, log_every=5)
-    accelerator = distributed.make_accelerator(1, None, micro_batch_size=4)
-    set_seed(0)
-    model = models.build_model(settings, 300, 0, 1, 2)
-    _, summary = training.train(accelerator, model, data, packing.collate_blocks,
-                                lambda m, b: models.causal_lm_loss(m, b, settings), train, Path(args.work_dir),
-                                seed=0, on_step=lambda step, loss: time.sleep(args.delay))
+    summary = train_nano(args.data, args.work_dir, args.max_steps, args.save_every, args.delay)
     Path(args.work_dir, "summary.json").write_text(json.dumps(summary))
-    distributed.finish(accelerator)
 
 
 if __name__ == "__main__":
