@@ -581,6 +581,7 @@ def build_prompt_dataset(n_train: int = 2000, n_eval: int = 200, seed: int = 0):
 
 PREFERENCE_KINDS = ("pairs", "rankings", "ratings")
 RANKING_SIZE = 4  # responses per ranking: the reference and three corruptions
+RATINGS_PER_PROMPT = 3  # rated responses per prompt (rows share the prompt)
 
 
 def _pair(ex: Example, rng: random.Random) -> dict:
@@ -614,9 +615,12 @@ def _ranking(ex: Example, rng: random.Random) -> dict:
     return {"prompt": ex.prompt, "responses": responses, "ranks": [levels.index(s) for s in scores]}
 
 
-def _rating(ex: Example, rng: random.Random) -> dict:
-    response = ex.reference if rng.random() < 0.25 else corrupt(ex, rng)[1]
-    return {"prompt": ex.prompt, "response": response, "rating": judge(ex, response)}
+def _rating(ex: Example, rng: random.Random) -> list[dict]:
+    # RATINGS_PER_PROMPT rated responses per prompt: the reward stage pairs responses of one prompt
+    responses = [ex.reference if rng.random() < 0.25 else corrupt(ex, rng)[1]]
+    while len(responses) < RATINGS_PER_PROMPT:
+        responses.append(corrupt(ex, rng)[1])
+    return [{"prompt": ex.prompt, "response": r, "rating": judge(ex, r)} for r in responses]
 
 
 def build_preference_dataset(kind: str = "pairs", n_train: int = 4000, n_eval: int = 200, seed: int = 0):
@@ -625,8 +629,9 @@ def build_preference_dataset(kind: str = "pairs", n_train: int = 4000, n_eval: i
     pairs: prompt, chosen, rejected, margin (= judge(chosen) - judge(rejected) > 0; no ties);
     rankings: prompt, responses (RANKING_SIZE distinct strings), ranks (0 = best; equal scores share
         a rank, dense: 0, 1, 1, 2);
-    ratings: prompt, response, rating (= the judge's score; ties occur, e.g. 1.0 for references).
-    One row per prompt. Train prompts use train sentences (an independent stream from SFT's, so the
+    ratings: prompt, response, rating (= the judge's score; ties occur, e.g. 1.0 for references),
+        RATINGS_PER_PROMPT rows per prompt.
+    Otherwise one row per prompt. Train prompts use train sentences (an independent stream from SFT's, so the
     prompts differ), validation prompts held-out sentences.
     """
     from datasets import Features, List, Value
@@ -642,6 +647,7 @@ def build_preference_dataset(kind: str = "pairs", n_train: int = 4000, n_eval: i
 
     def rows(split, n):
         rng = random.Random(f"instruction-task:v{TASK_VERSION}:{seed}:{split}:{kind}")
-        return [make_row(ex, rng) for ex in make_examples(n, seed, split, stream=f"preference-{kind}")]
+        rows = [make_row(ex, rng) for ex in make_examples(n, seed, split, stream=f"preference-{kind}")]
+        return [r for row in rows for r in (row if isinstance(row, list) else [row])]
 
     return _splits(rows, Features(features[kind]), n_train, n_eval)

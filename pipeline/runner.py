@@ -96,14 +96,14 @@ def _executable(cmd: list[str]) -> list[str]:
     return cmd
 
 
-def launch_env(stage: PlannedStage, run_start: float) -> dict[str, str]:
+def launch_env(recipe: Recipe, stage: PlannedStage, run_start: float) -> dict[str, str]:
+    from pipeline.distributed import launch_env as distributed_env
+
     env = dict(os.environ)
     env[RUN_START_ENV] = str(run_start)
     env.setdefault("PYTHONUNBUFFERED", "1")
-    if stage.command[0] == "accelerate":
-        from pipeline.distributed import launch_env as distributed_env
-
-        env.update(distributed_env(stage.num_processes))
+    if recipe.settings[stage.name].ACCELERATED:
+        env.update(distributed_env(stage.num_processes, recipe.settings[stage.name].launch.config_file))
     return env
 
 
@@ -126,7 +126,7 @@ def run(recipe: Recipe, only: list[str] | None = None, force: list[str] | None =
             continue
         print(f"[pipeline] {s.name}: {s.reason}; running\n[pipeline] $ {shlex.join(s.command)}", flush=True)
         start = time.time()
-        code = subprocess.call(_executable(s.command), env=launch_env(s, run_start))
+        code = subprocess.call(_executable(s.command), env=launch_env(recipe, s, run_start))
         if code != 0:
             print(f"error: stage {s.name} failed (exit code {code}); outputs of finished stages are kept, "
                   f"its work folder {recipe.run_path / '.work' / s.name} too (a re-run resumes)", file=sys.stderr)
