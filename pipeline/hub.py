@@ -487,7 +487,11 @@ def add_push_arguments(parser) -> None:
 
 def cli_push(args) -> int:
     """`python -m pipeline push ...`; 0 on success, 1 with a one-line reason on failure."""
-    logging.basicConfig(level=logging.INFO, format="[push] %(message)s")
+    if not log.handlers:  # our progress lines on stderr; the hub client logs its own warnings
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[push] %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
     try:
         ref = push_artifact(args.artifact, args.repo, private=args.private, revision=args.revision,
                             endpoint=args.endpoint, license=args.license, commit_message=args.message)
