@@ -103,6 +103,18 @@ def test_validation_loss_falls_and_metrics_are_written(packed, tmp_path):
     assert last < math.log(300) / 2  # far below a uniform guess
 
 
+def test_accumulation_and_activation_checkpointing_keep_the_loss_curve(packed, tmp_path):
+    # one global batch of 8 blocks: 8 x 1, 2 x 4 accumulated, and 2 x 4 with recomputed activations
+    run_training(packed, tmp_path / "a", settings(max_steps=4, micro_batch_size=8, grad_accum_steps=1))
+    run_training(packed, tmp_path / "b", settings(max_steps=4, micro_batch_size=2, grad_accum_steps=4))
+    acc, model, _ = run_training(packed, tmp_path / "c", settings(max_steps=4, micro_batch_size=2, grad_accum_steps=4,
+                                                                  activation_checkpointing=True))
+    assert acc.unwrap_model(model).is_gradient_checkpointing
+    a, b, c = (list(losses(tmp_path / x).values()) for x in "abc")
+    assert len(a) == 4 and a[-1] < a[0]
+    assert b == pytest.approx(a, rel=1e-5) and c == pytest.approx(a, rel=1e-5)
+
+
 def test_bits_per_byte_counts_text_bytes_only(packed):
     tok, _, val_data, *_ = packed
     accelerator = make_accelerator(1, None)
