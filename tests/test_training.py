@@ -109,7 +109,7 @@ def test_accumulation_and_activation_checkpointing_keep_the_loss_curve(packed, t
     run_training(packed, tmp_path / "b", settings(max_steps=4, micro_batch_size=2, grad_accum_steps=4))
     acc, model, _ = run_training(packed, tmp_path / "c", settings(max_steps=4, micro_batch_size=2, grad_accum_steps=4,
                                                                   activation_checkpointing=True))
-    assert acc.unwrap_model(model).is_gradient_checkpointing
+    assert acc.unwrap_model(model).is_activation_checkpointing
     a, b, c = (list(losses(tmp_path / x).values()) for x in "abc")
     assert len(a) == 4 and a[-1] < a[0]
     assert b == pytest.approx(a, rel=1e-5) and c == pytest.approx(a, rel=1e-5)
