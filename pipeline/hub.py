@@ -207,26 +207,34 @@ def _input_manifest(inp: dict) -> tuple[Path | None, dict | None]:
     return path, read_manifest(path) or read_manifest(path.parent)
 
 
+def _declared(stage: str, name: str) -> str | None:
+    """What the stage type says input `name` is (model, dataset, text, tokenizer), if it is known here."""
+    try:
+        from pipeline.recipe import STAGE_TYPES
+
+        return STAGE_TYPES[stage].INPUTS.get(name) if stage in STAGE_TYPES else None
+    except Exception:  # noqa: BLE001 - a card never fails over this
+        return None
+
+
 def _is_model_input(stage: str, name: str, inp: dict) -> bool:
     path, _ = _input_manifest(inp)
     if path is not None and path.is_dir():
         return (path / "config.json").exists()
-    try:  # what the stage declares (pipeline.recipe.STAGE_TYPES), else the input's name
-        from pipeline.recipe import STAGE_TYPES
-
-        declared = STAGE_TYPES[stage].INPUTS.get(name) if stage in STAGE_TYPES else None
-    except Exception:  # noqa: BLE001
-        declared = None
+    declared = _declared(stage, name)
     if declared is not None:
         return declared == "model"
     return inp.get("kind") == "hub" and any(w in name for w in ("model", "policy", "base", "init", "sft"))
 
 
-def _is_dataset_input(name: str, inp: dict) -> bool:
+def _is_dataset_input(stage: str, name: str, inp: dict) -> bool:
     path, _ = _input_manifest(inp)
     if path is not None and path.is_dir():
         return bool({p.name for p in path.iterdir()} & {"dataset_dict.json", "state.json"})
-    return inp.get("kind") == "hub" and any(w in name for w in ("data", "corpus"))
+    declared = _declared(stage, name)
+    if declared is not None:
+        return declared in ("dataset", "text")
+    return inp.get("kind") == "hub" and any(w in name for w in ("data", "corpus", "prompts", "preferences"))
 
 
 def _hub_name(spec: str) -> str:
@@ -269,7 +277,7 @@ def card_info(artifact: Artifact, repo_id: str, revision: str | None, license: s
             info.base_model_text = (f"the local checkpoint `{inp['spec']}` (fingerprint `{inp.get('fingerprint')}`, "
                                     f"not pushed to this hub)")
     for name, inp in inputs.items():
-        if not _is_dataset_input(name, inp):
+        if not _is_dataset_input(artifact.stage, name, inp):
             continue
         entry = pushed(inp)
         hub_id = _hub_name(inp["spec"]) if inp.get("kind") == "hub" else entry["repo"] if entry else None
@@ -434,7 +442,10 @@ def push_artifact(path: str | Path, repo_id: str, *, private: bool = False, revi
         api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
         if branch != "main":
             api.create_branch(repo_id, branch=branch, repo_type=repo_type, exist_ok=True)
-        head = api.repo_info(repo_id, repo_type=repo_type, revision=branch).sha
+        repo_info = api.repo_info(repo_id, repo_type=repo_type, revision=branch)
+        head = repo_info.sha
+        if private and not repo_info.private:
+            log.warning("%s already exists and is public: --private only applies when the repo is created", repo_id)
         remote = set(api.list_repo_files(repo_id, repo_type=repo_type, revision=branch))
         ops = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(p)) for rel, p in files.items()]
         ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()))
@@ -470,6 +481,21 @@ def push_stage_outputs(recipe_run_dir: Path, stage: str, settings: PushSettings,
         pushed.append(push_artifact(artifact.path, repo, private=settings.private, revision=settings.revision,
                                     endpoint=endpoint, license=settings.license))
     return pushed
+
+
+def pending_pushes(recipe_run_dir: Path, stage: str, settings: PushSettings, endpoint: str | None = None) -> list[str]:
+    """Outputs of a published stage not yet recorded as pushed where `settings` says (for stages already done)."""
+    stage_dir = Path(recipe_run_dir) / stage
+    manifest = read_manifest(stage_dir)
+    if manifest is None:
+        return []
+    where = _public_endpoint(resolve_endpoint(endpoint))
+    pushes = read_pushes(Path(recipe_run_dir))
+    outputs = settings.outputs or [resolve_artifact(stage_dir).output]
+    branch = settings.revision or "main"
+    return [o for o in outputs
+            if not ((e := pushes.get(f"{manifest['fingerprint']}:{o}")) and e.get("endpoint") == where
+                    and e.get("revision") == branch and e.get("repo", "").startswith(settings.repo))]
 
 
 # --- command line ----------------------------------------------------------------------------------------------

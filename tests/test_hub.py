@@ -398,18 +398,20 @@ def test_refuses_pickles_and_unpublished_folders(run, tmp_path):
 
 def test_push_stage_outputs_and_settings(hub, run):
     from pipeline.config import ConfigError, from_dict
-    from pipeline.hub import PushError, PushSettings, push_stage_outputs
+    from pipeline.hub import PushError, PushSettings, pending_pushes, push_stage_outputs
 
     settings = from_dict(PushSettings, {"repo": "alice/tiny-data", "revision": "v2", "private": True},
                          "stages.prepare.push")
     with pytest.raises(PushError, match="no Hugging Face token"):
         push_stage_outputs(run, "prepare", settings, endpoint=hub.url)
+    assert pending_pushes(run, "prepare", settings, endpoint=hub.url) == ["dataset"]
     # the token comes from the environment, as in the runner
     os.environ["HF_TOKEN"] = TOKEN
     try:
         assert push_stage_outputs(run, "prepare", settings, endpoint=hub.url) == ["alice/tiny-data@v2"]
     finally:
         del os.environ["HF_TOKEN"]
+    assert pending_pushes(run, "prepare", settings, endpoint=hub.url) == []
     repo = hub.repo("alice/tiny-data", "dataset")
     assert repo.private and "v2" in repo.branches and "train/dataset_info.json" in hub.files(repo.repo_id, "dataset", "v2")
     with pytest.raises(ConfigError, match=r"stages.sft.push.repo: 'nope' is not a hub repo name"):
