@@ -67,21 +67,27 @@ def build_model_config(model: ModelSettings, vocab_size: int, bos_id: int | None
     )
 
 
-def attn_implementation(choice: str) -> str:
-    """The transformers `attn_implementation` name for a ModelSettings.attention choice."""
+def attn_implementation(choice: str, device=None) -> str:
+    """The transformers `attn_implementation` name for a ModelSettings.attention choice.
+
+    sdpa/eager pass through; auto is our Triton kernel on CUDA and SDPA elsewhere; triton is our
+    kernel (kernels.transformers_attention decides where it can run).
+    """
     if choice in ("sdpa", "eager"):
         return choice
     if choice not in ("triton", "auto"):
         raise ValueError(f"attention: unknown choice {choice!r}; use auto, triton, sdpa or eager")
-    if choice == "auto" and not torch.cuda.is_available():
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "auto" and torch.device(device).type != "cuda":
         return "sdpa"
     try:
-        from kernels.transformers_attention import register
+        from kernels.transformers_attention import resolve_attention
     except ImportError as e:
         if choice == "triton":
             raise RuntimeError(f"attention: triton requested but kernels.transformers_attention is unavailable ({e})") from e
         return "sdpa"
-    return register()
+    return resolve_attention(choice, device)
 
 
 def build_model(model_settings: ModelSettings, vocab_size: int, bos_id: int | None, eos_id: int | None,

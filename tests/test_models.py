@@ -118,6 +118,25 @@ def test_config_matches_settings_and_loads_without_remote_code(tmp_path):
         assert type(again).__name__ == cls
 
 
+def test_triton_attention_gives_sdpa_logits_on_packed_blocks():
+    pytest.importorskip("kernels.transformers_attention")
+    from kernels import flash_attention
+
+    if not torch.cuda.is_available() and not flash_attention.is_interpreting():
+        pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1 (set by conftest before the first import)")
+    torch.manual_seed(0)
+    ours = build("dense", attention="triton").eval()
+    assert ours.config._attn_implementation not in ("sdpa", "eager")
+    reference = build("dense", attention="sdpa").eval()
+    reference.load_state_dict(ours.state_dict())
+    ids = torch.randint(3, VOCAB, (2, 32))
+    pos = torch.cat([torch.arange(12), torch.arange(20)]).repeat(2, 1)
+    with torch.no_grad():
+        a = ours(input_ids=ids, position_ids=pos, use_cache=False).logits
+        b = reference(input_ids=ids, position_ids=pos, use_cache=False).logits
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
 def test_attention_choice_and_flops():
     assert models.attn_implementation("sdpa") == "sdpa"
     assert models.attn_implementation("eager") == "eager"
