@@ -65,6 +65,10 @@ def make_accelerator(
         log_with="tensorboard" if log_dir is not None else None,
         project_dir=str(log_dir) if log_dir is not None else None,
     )
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and accelerator.state.deepspeed_plugin is None:
+        # e.g. ACCELERATE_USE_CPU=true turns a DeepSpeed launch into plain DDP without a word
+        raise RuntimeError(f"launched with a DeepSpeed accelerate config but running {accelerator.distributed_type}: "
+                           f"unset ACCELERATE_USE_CPU (it is only for plain DDP on CPU)")
     # ACCELERATE_GRADIENT_ACCUMULATION_STEPS from a launch config would beat the constructor argument
     accelerator.gradient_accumulation_steps = grad_accum_steps
     plugin = accelerator.state.deepspeed_plugin
@@ -85,7 +89,7 @@ def make_accelerator(
     return accelerator
 
 
-def launch_env(num_processes: int, config_file: str | Path | None = None,
+def launch_env(num_processes: int, config_file: str | Path | None,
                environ: dict[str, str] | None = None) -> dict[str, str]:
     """Environment variables to add when launching a stage with `num_processes` processes here.
 
