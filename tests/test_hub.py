@@ -258,6 +258,18 @@ def test_card_rules_without_a_server(run):
     assert plain.data.get("base_model") is None and "not pushed to this hub" in plain.text
 
 
+def test_tokenizer_push(hub, run):
+    from huggingface_hub import ModelCard
+
+    assert _push(run / "tokenizer", "alice/tok", hub) == "alice/tok@main"
+    files = hub.files("alice/tok")
+    assert {k: v for k, v in files.items() if k not in ("README.md", ".gitattributes")} == \
+        _local_files(run / "tokenizer" / "tokenizer")
+    card = ModelCard(files["README.md"].decode())
+    assert 'AutoTokenizer.from_pretrained("alice/tok")' in card.text and "AutoModel" not in card.text
+    assert card.data.get("model-index") is None and "tokenizer" in card.data.tags
+
+
 def test_private_repo_needs_the_token(hub, run, tmp_path):
     from huggingface_hub import HfApi, hf_hub_download
     from huggingface_hub.errors import RepositoryNotFoundError
