@@ -163,7 +163,11 @@ class PPOTrainer:
         """Models and optimizers are passed un-prepared; the trainer calls accelerator.prepare.
         `reward_fn(input_ids, attention_mask) -> scores[B]` gets [query | response] with post-EOS tokens
         replaced by pad and masked out (see ppo_rollout.reward_model_scores for a reward-model wrapper).
-        `tokenizer` only supplies pad_token_id / eos_token_id (ids may also be set on the settings' models)."""
+        `tokenizer` only supplies pad_token_id and eos_token_id (an int, or a list of stop ids).
+        Under DeepSpeed the value optimizer's groups join the policy optimizer (self.value_optimizer is
+        None) and gradient clipping is the DeepSpeed config's `gradient_clipping`, not max_grad_norm.
+        Under ZeRO-3 with zero3_init_flag, models made with a plain constructor after the Accelerator
+        exists fail in transformers' weight init: build those before it (from_pretrained is fine)."""
         self.settings = s = settings
         self.accelerator = accelerator
         self.reward_fn = reward_fn

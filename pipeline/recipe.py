@@ -28,6 +28,7 @@ import yaml
 
 from pipeline.config import ConfigError, apply_overrides, from_dict
 from pipeline.corpus import BUILTIN_CORPORA
+from pipeline.instruction_task import TASK_VERSION
 from pipeline.settings import ModelSettings, TrainSettings
 
 REFERENCE = re.compile(r"^([A-Za-z_][\w-]*)\.([A-Za-z_]\w*)$")
@@ -137,6 +138,7 @@ class InstructionsSettings(StageSettings):
     prompts_eval: int = 200
 
     OUTPUTS: ClassVar = ("sft", "preferences", "prompts")
+    VERSION: ClassVar = f"1-task{TASK_VERSION}"  # the task's sentences, templates and judge
 
     def validate(self) -> None:
         super().validate()
@@ -197,6 +199,37 @@ class RewardSettings(StageSettings, TrainSettings):
             raise ConfigError(f"min_rating_gap: must be >= 0, got {self.min_rating_gap}")
 
 
+@dataclass
+class EvaluateSettings(StageSettings):
+    n_prompts: int = 200
+    # held-out prompts each causal checkpoint answers (judge score, reward-model win rate)
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    # 0: greedy answers; > 0: sampled at this temperature (seeded)
+    kl_temperature: float = 1.0
+    # sampling temperature for the PPO-to-SFT KL estimate (use PPO's own)
+    batch_size: int = 32
+    bpb_batches: int = 16
+    # batches of packed validation blocks for bits per byte
+    ngram: int = 8
+    # word n-gram size of the contamination check
+    n_samples: int = 8
+    # sample generations shown in the results and the report
+
+    INPUTS: ClassVar = {"prompts": "dataset", "pretrain": "model", "sft": "model", "ppo": "model", "reward": "model",
+                        "data": "dataset", "corpus": "text", "sft_data": "dataset", "preferences": "dataset"}
+    OPTIONAL_INPUTS: ClassVar = ("pretrain", "sft", "ppo", "reward", "data", "corpus", "sft_data", "preferences")
+    OUTPUTS: ClassVar = ("results",)
+
+    def validate(self) -> None:
+        super().validate()
+        for key in ("n_prompts", "max_new_tokens", "batch_size", "bpb_batches", "ngram"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}: must be at least 1, got {getattr(self, key)}")
+        if self.temperature < 0 or self.kl_temperature <= 0:
+            raise ConfigError("temperature: must be >= 0 (and kl_temperature > 0)")
+
+
 STAGE_TYPES: dict[str, type[StageSettings]] = {
     "tokenizer": TokenizerSettings,
     "prepare": PrepareSettings,
@@ -204,6 +237,7 @@ STAGE_TYPES: dict[str, type[StageSettings]] = {
     "instructions": InstructionsSettings,
     "sft": SFTSettings,
     "reward": RewardSettings,
+    "evaluate": EvaluateSettings,
 }
 
 

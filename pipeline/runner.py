@@ -81,9 +81,9 @@ def format_plan(recipe: Recipe, stages: list[PlannedStage]) -> str:
     lines = [f"recipe {recipe.source}  run_dir {recipe.run_path}"]
     for s in stages:
         after = f" <- {', '.join(s.upstream)}" if s.upstream else ""
-        lines.append(f"  {s.name:<10} {s.status:<5} {s.reason}{after}")
-        lines.append(f"             fingerprint {s.fingerprint}")
-        lines.append(f"             $ {shlex.join(s.command)}")
+        lines.append(f"  {s.name:<12} {s.status:<5} {s.reason}{after}")
+        lines.append(f"               fingerprint {s.fingerprint}")
+        lines.append(f"               $ {shlex.join(s.command)}")
     return "\n".join(lines)
 
 

@@ -79,7 +79,7 @@ def test_run_skip_and_rerun_downstream_only(recipe, tmp_path):
     # an upstream setting re-runs it and everything downstream
     path = recipe(vocab=420, block=32)
     out = run_cli("pipeline", "plan", str(path))
-    assert "prepare    run   upstream tokenizer re-runs" in out.stdout
+    assert "prepare      run   upstream tokenizer re-runs" in out.stdout
     assert run_cli("pipeline", "run", str(path)).returncode == 0
     assert manifest(tmp_path, "tokenizer")["metrics"]["vocab_size"] == 420
     assert manifest(tmp_path, "prepare")["fingerprint"] != first["prepare"]["fingerprint"]

@@ -1,0 +1,188 @@
+"""Evaluation stage: what each checkpoint of the run is worth, measured the same way every time.
+
+    python -m stages.evaluate recipes/tiny.yaml
+
+* bits per byte of every causal checkpoint (pretrain, sft, ppo) on the packed validation blocks;
+* the judge (pipeline/instruction_task.py, the programmatic annotator) on SFT and PPO answers to
+  held-out prompts: mean score, pass rate, per-constraint pass rates; PPO-vs-SFT win rate under the
+  judge and under the reward model; the reward model's held-out scores;
+* KL(PPO || SFT) on PPO's own samples (sum over response tokens, mean over prompts);
+* a contamination check: word n-gram overlap of the evaluation prompts with every training source;
+* sample generations side by side.
+Output `results/`: `metrics.json` and `samples.jsonl`. Every input but `prompts` is optional.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import torch
+
+from pipeline import chat_data
+from pipeline.instruction_task import judge, score_responses
+from pipeline.sources import load_dataset_input, model_path, require_columns
+from pipeline.stage import StageContext, stage_main
+
+log = logging.getLogger("pipeline")
+CAUSAL = ("pretrain", "sft", "ppo")
+
+
+def load_causal(ctx: StageContext, name: str):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path(ctx.inputs[name]), dtype=torch.float32)
+    return model.eval()
+
+
+@torch.no_grad()
+def answer(model, tokenizer, prompts: list[str], s, seed: int) -> list[str]:
+    """Batched answers with left padding (greedy, or sampled at s.temperature with a fixed seed)."""
+    from pipeline.ppo_rollout import left_pad
+
+    torch.manual_seed(seed)
+    out: list[str] = []
+    tokenizer.padding_side = "left"
+    for i in range(0, len(prompts), s.batch_size):
+        ids, mask = left_pad([chat_data.prompt_ids(tokenizer, p) for p in prompts[i:i + s.batch_size]],
+                             tokenizer.pad_token_id)
+        kwargs = {"do_sample": True, "temperature": s.temperature} if s.temperature > 0 else {"do_sample": False}
+        generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=s.max_new_tokens,
+                                   eos_token_id=chat_data.stop_token_ids(tokenizer),
+                                   pad_token_id=tokenizer.pad_token_id, **kwargs)
+        out += [chat_data.response_text(tokenizer, row[ids.shape[1]:].tolist()) for row in generated]
+    return out
+
+
+@torch.no_grad()
+def reward_scores(reward_model, tokenizer, prompts: list[str], responses: list[str], max_length: int = 512) -> list[float]:
+    from pipeline.ppo_rollout import left_pad, reward_model_scores
+
+    out: list[float] = []
+    for i in range(0, len(prompts), 32):
+        seqs = [chat_data.encode_scored(tokenizer, p, r, max_length) for p, r in zip(prompts[i:i + 32], responses[i:i + 32])]
+        ids, mask = left_pad(seqs, tokenizer.pad_token_id)
+        out += reward_model_scores(reward_model, ids, mask).tolist()
+    return out
+
+
+@torch.no_grad()
+def kl_to_reference(policy, reference, tokenizer, prompts: list[str], s, seed: int) -> float:
+    """Monte-Carlo KL(policy || reference) per response, on the policy's own samples at kl_temperature."""
+    from pipeline.ppo_core import masked_mean
+    from pipeline.ppo_rollout import batched_logprobs, generate_responses, left_pad
+
+    gen = torch.Generator().manual_seed(seed)
+    totals = []
+    for i in range(0, len(prompts), s.batch_size):
+        query, query_mask = left_pad([chat_data.prompt_ids(tokenizer, p) for p in prompts[i:i + s.batch_size]],
+                                     tokenizer.pad_token_id)
+        roll = generate_responses(policy, query, query_mask, max_new_tokens=s.max_new_tokens,
+                                  temperature=s.kl_temperature, eos_token_id=chat_data.stop_token_ids(tokenizer),
+                                  pad_token_id=tokenizer.pad_token_id, generator=gen)
+        start = query.shape[1]
+        lp = batched_logprobs(policy, roll.input_ids, roll.attention_mask, start, s.kl_temperature)
+        ref = batched_logprobs(reference, roll.input_ids, roll.attention_mask, start, s.kl_temperature)
+        totals.append(((lp - ref) * roll.response_mask).sum(-1))
+    per_response = torch.cat(totals)
+    return float(masked_mean(per_response, torch.ones_like(per_response)))
+
+
+def bits_per_byte(models: dict, ctx: StageContext) -> dict[str, dict[str, float]]:
+    import datasets
+
+    from pipeline.distributed import make_accelerator
+    from pipeline.packing import collate_blocks, token_byte_lengths
+    from pipeline.training import make_lm_evaluator
+    from transformers import AutoTokenizer
+
+    data = datasets.load_from_disk(str(ctx.inputs["data"].path))["validation"].with_format("numpy")
+    accelerator = make_accelerator(1, None)
+    out = {}
+    for name, model in models.items():
+        tokenizer = AutoTokenizer.from_pretrained(model_path(ctx.inputs[name]))
+        evaluate = make_lm_evaluator(accelerator, data, collate_blocks, 8, ctx.settings.bpb_batches,
+                                     token_byte_lengths(tokenizer))
+        out[name] = evaluate(model)
+    return out
+
+
+def win_rate(a: list[float], b: list[float]) -> float:
+    """Share of prompts where a beats b, ties counting half."""
+    return sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)) / max(1, len(a))
+
+
+def contamination(ctx: StageContext, rows: list[dict], prompt_data) -> dict:
+    """Overlap of the held-out content (the `source` sentence when the prompts have one) with training text."""
+    from pipeline.contamination import contamination_report
+
+    column = "source" if "source" in prompt_data["train"].column_names else "prompt"
+    sources = {"ppo_prompts": list(prompt_data["train"]["prompt"])}
+    if "corpus" in ctx.inputs:
+        sources["pretraining_corpus"] = list(load_dataset_input(ctx.inputs["corpus"], seed=ctx.seed)["train"]["text"])
+    if "sft_data" in ctx.inputs:
+        part = load_dataset_input(ctx.inputs["sft_data"], seed=ctx.seed)["train"]
+        sources["sft_data"] = [m["content"] for row in part["messages"] for m in row] if "messages" in part.column_names \
+            else [" ".join(map(str, row.values())) for row in part]
+    if "preferences" in ctx.inputs:
+        part = load_dataset_input(ctx.inputs["preferences"], seed=ctx.seed)["train"]
+        sources["preferences"] = list(part["prompt"])
+    report = contamination_report([r[column] for r in rows], sources, ctx.settings.ngram)
+    report["checked_column"] = column
+    return report
+
+
+def run(ctx: StageContext) -> None:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    s = ctx.settings
+    prompt_data = load_dataset_input(ctx.inputs["prompts"], seed=ctx.seed)
+    require_columns(prompt_data, ["prompt"], ctx.inputs["prompts"])
+    held_out = prompt_data["validation"].select(range(min(s.n_prompts, len(prompt_data["validation"]))))
+    rows = [dict(r) for r in held_out]
+    prompts = [r["prompt"] for r in rows]
+    results: dict = {"n_prompts": len(prompts)}
+
+    models = {name: load_causal(ctx, name) for name in CAUSAL if name in ctx.inputs}
+    if "data" in ctx.inputs and models:
+        results["bits_per_byte"] = {k: v["val_bpb"] for k, v in bits_per_byte(models, ctx).items()}
+
+    answers: dict[str, list[str]] = {}
+    judged: dict[str, list[float]] = {}
+    for name in ("sft", "ppo"):
+        if name not in models:
+            continue
+        tokenizer = AutoTokenizer.from_pretrained(model_path(ctx.inputs[name]))
+        answers[name] = answer(models[name], tokenizer, prompts, s, ctx.seed)
+        judged[name] = [judge(r, a) for r, a in zip(rows, answers[name])]
+        results[f"judge_{name}"] = score_responses(rows, answers[name])
+        results[f"response_words_{name}"] = sum(len(a.split()) for a in answers[name]) / max(1, len(prompts))
+        log.info("%s: judge mean %.3f, pass rate %.3f", name, results[f"judge_{name}"]["mean_score"],
+                 results[f"judge_{name}"]["pass_rate"])
+
+    if "reward" in ctx.inputs:
+        path = model_path(ctx.inputs["reward"])
+        reward_model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        rm = {name: reward_scores(reward_model, tokenizer, prompts, a) for name, a in answers.items()}
+        results["reward_model_mean"] = {name: sum(v) / len(v) for name, v in rm.items()}
+        if {"sft", "ppo"} <= set(rm):
+            results["win_rate_ppo_vs_sft_reward_model"] = win_rate(rm["ppo"], rm["sft"])
+    if {"sft", "ppo"} <= set(judged):
+        results["win_rate_ppo_vs_sft_judge"] = win_rate(judged["ppo"], judged["sft"])
+        tokenizer = AutoTokenizer.from_pretrained(model_path(ctx.inputs["ppo"]))
+        results["kl_ppo_to_sft"] = kl_to_reference(models["ppo"], models["sft"], tokenizer, prompts, s, ctx.seed)
+
+    results["contamination"] = contamination(ctx, rows, prompt_data)
+    out = ctx.output_dir("results")
+    (out / "metrics.json").write_text(json.dumps(results, indent=1))
+    with open(out / "samples.jsonl", "w") as f:
+        for i, row in enumerate(rows[:s.n_samples]):
+            f.write(json.dumps({"prompt": row["prompt"], **{name: {"response": a[i], "judge": judged[name][i]}
+                                                           for name, a in answers.items()}}) + "\n")
+    ctx.metrics.update({k: v for k, v in results.items() if k != "contamination"},
+                       contamination_flagged={k: v["flagged_fraction"] for k, v in results["contamination"]["sources"].items()})
+
+
+if __name__ == "__main__":
+    stage_main("evaluate", run)
