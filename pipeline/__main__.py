@@ -1,9 +1,10 @@
-"""Command line: `python -m pipeline {run,plan,config} RECIPE [KEY=VALUE ...]`.
+"""Command line: `python -m pipeline {run,plan,config} RECIPE [KEY=VALUE ...]`, `report RUN_DIR`, `push`.
 
     python -m pipeline run recipes/tiny.yaml                  # every stage not yet done
     python -m pipeline plan recipes/tiny.yaml                 # status and command of each stage
     python -m pipeline run recipes/tiny.yaml --only pretrain stages.pretrain.max_steps=10
     python -m pipeline config recipes/tiny.yaml               # the resolved recipe, nothing run
+    python -m pipeline report runs/tiny                       # runs/tiny/report.md with plots
     python -m pipeline push runs/tiny/pretrain/model --repo ORG/NAME [--private] [--revision BRANCH]
 """
 
@@ -32,9 +33,20 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.hub import add_push_arguments, cli_push
 
     add_push_arguments(sub.add_parser("push", help="upload a published model, tokenizer or dataset to a hub repo"))
+    report = sub.add_parser("report", help="(re)write RUN_DIR/report.md and its plots from the published stages")
+    report.add_argument("run_dir")
     args = parser.parse_args(argv)
     if args.command == "push":
         return cli_push(args)
+    if args.command == "report":
+        from pipeline.report import build_report
+
+        try:
+            print(f"wrote {build_report(args.run_dir)}")
+        except FileNotFoundError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         if args.command == "config":

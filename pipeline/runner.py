@@ -136,7 +136,10 @@ def run(recipe: Recipe, only: list[str] | None = None, force: list[str] | None =
             print(f"error: stage {s.name} exited 0 but published no complete manifest", file=sys.stderr)
             return 1
         print(f"[pipeline] {s.name}: done in {time.time() - start:.1f} s", flush=True)
-    print(f"[pipeline] all stages done in {time.time() - run_start:.1f} s; outputs in {recipe.run_path}")
+    from pipeline.report import build_report
+
+    report = build_report(recipe.run_path)
+    print(f"[pipeline] all stages done in {time.time() - run_start:.1f} s; outputs in {recipe.run_path}; report {report}")
     return 0
 
 
