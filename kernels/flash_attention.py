@@ -62,6 +62,69 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, offs_m, offs_n0, offs_d, d_valid, qid, KIDS_b,
+               stride_kt, stride_vt, S, OFFSET, WINDOW, qk_scale, start, stop,
+               MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_IDS: tl.constexpr, HAS_WINDOW: tl.constexpr,
+               UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Online-softmax over key tiles [start, stop). MASKED=False: tiles known to be fully visible."""
+    for start_n in range(start, stop, BLOCK_N):
+        offs_n = start_n + offs_n0
+        if MASKED:
+            n_valid = offs_n < S
+            kt = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None],
+                         mask=n_valid[None, :] & d_valid[:, None], other=0.0)
+        else:
+            kt = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None], mask=d_valid[:, None], other=0.0)
+        if UPCAST:
+            kt = tl.cast(kt, acc.dtype)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION)
+        s = tl.cast(s, acc.dtype) * qk_scale
+        if MASKED:
+            allowed = n_valid[None, :]
+            if CAUSAL:
+                allowed = allowed & (offs_n[None, :] <= offs_m[:, None] + OFFSET)
+            if HAS_WINDOW:
+                allowed = allowed & (offs_n[None, :] > offs_m[:, None] + OFFSET - WINDOW)
+            if HAS_IDS:
+                kid = tl.load(KIDS_b + offs_n, mask=n_valid, other=-4)
+                allowed = allowed & (qid[:, None] == kid[None, :])
+            s = tl.where(allowed, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_use = m_new
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        if MASKED:
+            v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :],
+                        mask=n_valid[:, None] & d_valid[None, :], other=0.0)
+        else:
+            v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=d_valid[None, :], other=0.0)
+        if UPCAST:
+            v = tl.cast(v, acc.dtype)
+        acc += tl.dot(tl.cast(p, v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _split_range(lo, hi, full_lo, full_hi, LIMIT, BLOCK: tl.constexpr):
+    """Split [lo, hi) (lo a multiple of BLOCK) into masked [lo, a), unmasked [a, b), masked [b, hi):
+    [a, b) is [full_lo, full_hi) snapped inwards to whole tiles that also end before LIMIT."""
+    a = tl.maximum(full_lo, lo)
+    a = ((a + BLOCK - 1) // BLOCK) * BLOCK
+    a = tl.minimum(a, hi)
+    b = tl.minimum(tl.minimum(full_hi, hi), LIMIT)
+    b = tl.maximum(b, 0)
+    b = (b // BLOCK) * BLOCK
+    b = tl.maximum(b, a)
+    return a, b
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, O, LSE,
     QIDS, KIDS, KVLO, KVHI,
@@ -123,37 +186,34 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=acc_t)
     l_i = tl.zeros([BLOCK_M], dtype=acc_t)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=acc_t)
-
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + offs_n0
-        n_valid = offs_n < S
-        kt = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None],
-                     mask=n_valid[None, :] & d_valid[:, None], other=0.0)
-        if UPCAST:
-            kt = tl.cast(kt, acc_t)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION)
-        s = tl.cast(s, acc_t) * qk_scale
-        allowed = n_valid[None, :]
+    KIDS_b = KIDS + b * S
+    if HAS_IDS:
+        acc, l_i, m_i = _fwd_tiles(
+            acc, l_i, m_i, q, k_base, v_base, offs_m, offs_n0, offs_d, d_valid, qid, KIDS_b,
+            stride_kt, stride_vt, S, OFFSET, WINDOW, qk_scale, lo, hi,
+            True, CAUSAL, HAS_IDS, HAS_WINDOW, UPCAST, DOT_PRECISION, BLOCK_N)
+    else:
+        qid = 0
+        # key tiles visible to every row of this query block need no masking
+        full_lo = 0
+        full_hi = S
         if CAUSAL:
-            allowed = allowed & (offs_n[None, :] <= offs_m[:, None] + OFFSET)
+            full_hi = pid_m * BLOCK_M + OFFSET + 1
         if HAS_WINDOW:
-            allowed = allowed & (offs_n[None, :] > offs_m[:, None] + OFFSET - WINDOW)
-        if HAS_IDS:
-            kid = tl.load(KIDS + b * S + offs_n, mask=n_valid, other=-4)
-            allowed = allowed & (qid[:, None] == kid[None, :])
-        s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None]
-        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :],
-                    mask=n_valid[:, None] & d_valid[None, :], other=0.0)
-        if UPCAST:
-            v = tl.cast(v, acc_t)
-        acc += tl.dot(tl.cast(p, v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+            full_lo = pid_m * BLOCK_M + BLOCK_M + OFFSET - WINDOW
+        a, b2 = _split_range(lo, hi, full_lo, full_hi, S, BLOCK_N)
+        acc, l_i, m_i = _fwd_tiles(
+            acc, l_i, m_i, q, k_base, v_base, offs_m, offs_n0, offs_d, d_valid, qid, KIDS_b,
+            stride_kt, stride_vt, S, OFFSET, WINDOW, qk_scale, lo, a,
+            True, CAUSAL, HAS_IDS, HAS_WINDOW, UPCAST, DOT_PRECISION, BLOCK_N)
+        acc, l_i, m_i = _fwd_tiles(
+            acc, l_i, m_i, q, k_base, v_base, offs_m, offs_n0, offs_d, d_valid, qid, KIDS_b,
+            stride_kt, stride_vt, S, OFFSET, WINDOW, qk_scale, a, b2,
+            False, CAUSAL, HAS_IDS, HAS_WINDOW, UPCAST, DOT_PRECISION, BLOCK_N)
+        acc, l_i, m_i = _fwd_tiles(
+            acc, l_i, m_i, q, k_base, v_base, offs_m, offs_n0, offs_d, d_valid, qid, KIDS_b,
+            stride_kt, stride_vt, S, OFFSET, WINDOW, qk_scale, b2, hi,
+            True, CAUSAL, HAS_IDS, HAS_WINDOW, UPCAST, DOT_PRECISION, BLOCK_N)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -191,6 +251,88 @@ def _attn_bwd_preprocess_kernel(
                  mask=msk, other=0.0)
     delta = tl.sum(tl.cast(o, acc_t) * tl.cast(do, acc_t), axis=1)
     tl.store(DELTA + pid_bh * T + offs_m, tl.cast(delta, DELTA.dtype.element_ty), mask=offs_m < T)
+
+
+@triton.jit
+def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, offs_m, offs_n0, offs_d, d_valid, m_valid, qid, KIDS_b,
+              stride_kt, stride_vt, S, OFFSET, WINDOW, qk_scale, start, stop,
+              MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_IDS: tl.constexpr, HAS_WINDOW: tl.constexpr,
+              UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    for start_n in range(start, stop, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_valid = offs_n < S
+        if MASKED:
+            dn_mask = d_valid[:, None] & n_valid[None, :]
+        else:
+            dn_mask = d_valid[:, None]
+        kt = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None], mask=dn_mask, other=0.0)
+        vt = tl.load(v_base + offs_n[None, :] * stride_vt + offs_d[:, None], mask=dn_mask, other=0.0)
+        if UPCAST:
+            kt = tl.cast(kt, dq.dtype)
+            vt = tl.cast(vt, dq.dtype)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION)
+        s = tl.cast(s, dq.dtype) * qk_scale
+        if MASKED:
+            allowed = m_valid[:, None] & n_valid[None, :]
+            if CAUSAL:
+                allowed = allowed & (offs_n[None, :] <= offs_m[:, None] + OFFSET)
+            if HAS_WINDOW:
+                allowed = allowed & (offs_n[None, :] > offs_m[:, None] + OFFSET - WINDOW)
+            if HAS_IDS:
+                kid = tl.load(KIDS_b + offs_n, mask=n_valid, other=-4)
+                allowed = allowed & (qid[:, None] == kid[None, :])
+            p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
+        else:
+            p = tl.exp2(s - lse[:, None])
+        dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
+        ds = p * (tl.cast(dp, dq.dtype) - delta[:, None])
+        dq += tl.dot(tl.cast(ds, kt.dtype), tl.trans(kt), input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _dkdv_tiles(dk, dv, k, v, q_base, do_base, LSE_bh, DELTA_bh, offs_n, offs_m0, offs_d, d_valid, n_valid, kid,
+                QIDS_b, stride_qt, stride_dot, T, OFFSET, WINDOW, qk_scale, start, stop,
+                MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_IDS: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
+    for start_m in range(start, stop, BLOCK_M):
+        offs_m = start_m + offs_m0
+        m_valid = offs_m < T
+        if MASKED:
+            md_mask = m_valid[:, None] & d_valid[None, :]
+        else:
+            md_mask = d_valid[None, :]
+        q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=md_mask, other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=md_mask, other=0.0)
+        if UPCAST:
+            q = tl.cast(q, dk.dtype)
+            do = tl.cast(do, dk.dtype)
+        if MASKED:
+            lse = tl.load(LSE_bh + offs_m, mask=m_valid, other=0.0)
+            delta = tl.load(DELTA_bh + offs_m, mask=m_valid, other=0.0)
+        else:
+            lse = tl.load(LSE_bh + offs_m)
+            delta = tl.load(DELTA_bh + offs_m)
+        # transposed scores: rows = keys, columns = queries
+        st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+        st = tl.cast(st, dk.dtype) * qk_scale
+        if MASKED:
+            allowed = n_valid[:, None] & m_valid[None, :]
+            if CAUSAL:
+                allowed = allowed & (offs_n[:, None] <= offs_m[None, :] + OFFSET)
+            if HAS_WINDOW:
+                allowed = allowed & (offs_n[:, None] > offs_m[None, :] + OFFSET - WINDOW)
+            if HAS_IDS:
+                qid = tl.load(QIDS_b + offs_m, mask=m_valid, other=-3)
+                allowed = allowed & (kid[:, None] == qid[None, :])
+            pt = tl.where(allowed, tl.exp2(st - lse[None, :]), 0.0)
+        else:
+            pt = tl.exp2(st - lse[None, :])
+        dv += tl.dot(tl.cast(pt, do.dtype), do, input_precision=DOT_PRECISION)
+        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        dst = pt * (tl.cast(dpt, dk.dtype) - delta[None, :])
+        dk += tl.dot(tl.cast(dst, q.dtype), q, input_precision=DOT_PRECISION)
+    return dk, dv
 
 
 @triton.jit
@@ -254,38 +396,39 @@ def _attn_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=acc_t)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=acc_t)
 
+    QIDS_b = QIDS + b * T
+    if HAS_IDS:
+        a = hi
+        b2 = hi
+    else:
+        kid = 0
+        # query tiles in which every row sees every key of this block need no masking
+        full_lo = 0
+        full_hi = T
+        if CAUSAL:
+            full_lo = pid_n * BLOCK_N + BLOCK_N - 1 - OFFSET
+        if HAS_WINDOW:
+            full_hi = pid_n * BLOCK_N - OFFSET + WINDOW
+        a, b2 = _split_range(lo, hi, full_lo, full_hi, T, BLOCK_M)
+        if pid_n * BLOCK_N + BLOCK_N > S:  # ragged key block: keep everything masked
+            a = hi
+            b2 = hi
     for g in range(0, GROUP):
         h = kvh * GROUP + g
         bh = b * H + h
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = DO + b * stride_dob + h * stride_doh
-        for start_m in range(lo, hi, BLOCK_M):
-            offs_m = start_m + offs_m0
-            m_valid = offs_m < T
-            md_mask = m_valid[:, None] & d_valid[None, :]
-            q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=md_mask, other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=md_mask, other=0.0)
-            if UPCAST:
-                q = tl.cast(q, acc_t)
-                do = tl.cast(do, acc_t)
-            lse = tl.load(LSE + bh * T + offs_m, mask=m_valid, other=0.0)
-            delta = tl.load(DELTA + bh * T + offs_m, mask=m_valid, other=0.0)
-            # transposed scores: rows = keys, columns = queries
-            st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
-            st = tl.cast(st, acc_t) * qk_scale
-            allowed = n_valid[:, None] & m_valid[None, :]
-            if CAUSAL:
-                allowed = allowed & (offs_n[:, None] <= offs_m[None, :] + OFFSET)
-            if HAS_WINDOW:
-                allowed = allowed & (offs_n[:, None] > offs_m[None, :] + OFFSET - WINDOW)
-            if HAS_IDS:
-                qid = tl.load(QIDS + b * T + offs_m, mask=m_valid, other=-3)
-                allowed = allowed & (kid[:, None] == qid[None, :])
-            pt = tl.where(allowed, tl.exp2(st - lse[None, :]), 0.0)
-            dv += tl.dot(tl.cast(pt, do.dtype), do, input_precision=DOT_PRECISION)
-            dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-            dst = pt * (tl.cast(dpt, acc_t) - delta[None, :])
-            dk += tl.dot(tl.cast(dst, q.dtype), q, input_precision=DOT_PRECISION)
+        LSE_bh = LSE + bh * T
+        DELTA_bh = DELTA + bh * T
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, LSE_bh, DELTA_bh, offs_n, offs_m0, offs_d, d_valid,
+                             n_valid, kid, QIDS_b, stride_qt, stride_dot, T, OFFSET, WINDOW, qk_scale, lo, a,
+                             True, CAUSAL, HAS_IDS, HAS_WINDOW, UPCAST, DOT_PRECISION, BLOCK_M)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, LSE_bh, DELTA_bh, offs_n, offs_m0, offs_d, d_valid,
+                             n_valid, kid, QIDS_b, stride_qt, stride_dot, T, OFFSET, WINDOW, qk_scale, a, b2,
+                             False, CAUSAL, HAS_IDS, HAS_WINDOW, UPCAST, DOT_PRECISION, BLOCK_M)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, LSE_bh, DELTA_bh, offs_n, offs_m0, offs_d, d_valid,
+                             n_valid, kid, QIDS_b, stride_qt, stride_dot, T, OFFSET, WINDOW, qk_scale, b2, hi,
+                             True, CAUSAL, HAS_IDS, HAS_WINDOW, UPCAST, DOT_PRECISION, BLOCK_M)
 
     dk = dk * sm_scale
     tl.store(DK + b * stride_dkb + kvh * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
@@ -358,29 +501,29 @@ def _attn_bwd_dq_kernel(
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_vb + kvh * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=acc_t)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + offs_n0
-        n_valid = offs_n < S
-        dn_mask = d_valid[:, None] & n_valid[None, :]
-        kt = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None], mask=dn_mask, other=0.0)
-        vt = tl.load(v_base + offs_n[None, :] * stride_vt + offs_d[:, None], mask=dn_mask, other=0.0)
-        if UPCAST:
-            kt = tl.cast(kt, acc_t)
-            vt = tl.cast(vt, acc_t)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION)
-        s = tl.cast(s, acc_t) * qk_scale
-        allowed = m_valid[:, None] & n_valid[None, :]
+    KIDS_b = KIDS + b * S
+    if HAS_IDS:
+        dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, offs_m, offs_n0, offs_d, d_valid, m_valid, qid,
+                       KIDS_b, stride_kt, stride_vt, S, OFFSET, WINDOW, qk_scale, lo, hi,
+                       True, CAUSAL, HAS_IDS, HAS_WINDOW, UPCAST, DOT_PRECISION, BLOCK_N)
+    else:
+        qid = 0
+        full_lo = 0
+        full_hi = S
         if CAUSAL:
-            allowed = allowed & (offs_n[None, :] <= offs_m[:, None] + OFFSET)
+            full_hi = pid_m * BLOCK_M + OFFSET + 1
         if HAS_WINDOW:
-            allowed = allowed & (offs_n[None, :] > offs_m[:, None] + OFFSET - WINDOW)
-        if HAS_IDS:
-            kid = tl.load(KIDS + b * S + offs_n, mask=n_valid, other=-4)
-            allowed = allowed & (qid[:, None] == kid[None, :])
-        p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
-        ds = p * (tl.cast(dp, acc_t) - delta[:, None])
-        dq += tl.dot(tl.cast(ds, kt.dtype), tl.trans(kt), input_precision=DOT_PRECISION)
+            full_lo = pid_m * BLOCK_M + BLOCK_M + OFFSET - WINDOW
+        a, b2 = _split_range(lo, hi, full_lo, full_hi, S, BLOCK_N)
+        dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, offs_m, offs_n0, offs_d, d_valid, m_valid, qid,
+                       KIDS_b, stride_kt, stride_vt, S, OFFSET, WINDOW, qk_scale, lo, a,
+                       True, CAUSAL, HAS_IDS, HAS_WINDOW, UPCAST, DOT_PRECISION, BLOCK_N)
+        dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, offs_m, offs_n0, offs_d, d_valid, m_valid, qid,
+                       KIDS_b, stride_kt, stride_vt, S, OFFSET, WINDOW, qk_scale, a, b2,
+                       False, CAUSAL, HAS_IDS, HAS_WINDOW, UPCAST, DOT_PRECISION, BLOCK_N)
+        dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, offs_m, offs_n0, offs_d, d_valid, m_valid, qid,
+                       KIDS_b, stride_kt, stride_vt, S, OFFSET, WINDOW, qk_scale, b2, hi,
+                       True, CAUSAL, HAS_IDS, HAS_WINDOW, UPCAST, DOT_PRECISION, BLOCK_N)
 
     dq = dq * sm_scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],

@@ -147,6 +147,34 @@ def test_packing_really_separates_documents(monkeypatch):
     torch.testing.assert_close(packed[:, 12:], alone, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("arch", ["llama", "mixtral_sliding"])
+def test_generate_with_kv_cache_matches_sdpa(arch, monkeypatch):
+    """Left-padded batched greedy generation with a KV cache (prefill T == S with padding, then T = 1
+    decode steps against a longer cache: bottom-right causal alignment, [B, 1, 1, S] padding masks)."""
+    ref, ours = make_pair(arch)
+    ids = torch.randint(1, 128, (2, 11), generator=torch.Generator().manual_seed(7))
+    am = torch.ones(2, 11, dtype=torch.long)
+    am[1, :4] = 0
+    ids, am = ids.to(DEVICE), am.to(DEVICE)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    calls = count_kernel_calls(monkeypatch)
+    ta._warned.clear()
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        a = ref.generate(input_ids=ids, attention_mask=am, **kw)
+        assert not calls
+        b = ours.generate(input_ids=ids, attention_mask=am, **kw)
+    assert not [w for w in caught if ta.ATTENTION_NAME in str(w.message)], "fell back to SDPA"
+    assert len(calls) == 6 * ours.config.num_hidden_layers  # prefill + 5 decode steps, every layer
+    assert torch.equal(a, b)
+    # and the logits of the decode steps agree, not only the argmax
+    with torch.no_grad():
+        la = ref(input_ids=a, attention_mask=torch.cat([am, torch.ones_like(a[:, 11:])], 1)).logits
+        lb = ours(input_ids=a, attention_mask=torch.cat([am, torch.ones_like(a[:, 11:])], 1)).logits
+    keep = torch.cat([am, torch.ones_like(a[:, 11:])], 1).bool()
+    torch.testing.assert_close(lb[keep], la[keep], atol=2e-5, rtol=1e-4)
+
+
 def test_mask_to_ids_roundtrip():
     from transformers.masking_utils import causal_mask_function, and_masks, sdpa_mask
     from transformers.masking_utils import packed_sequence_mask_function, padding_mask_function

@@ -118,6 +118,9 @@ CASES = {
     "headdim256": (1, 2, 1, 40, 40, 256, torch.float32, True, {}),
     "kv_longer_than_q_causal": (1, 4, 2, 30, 90, 64, torch.float32, True, {}),
     "sliding_window": (1, 4, 2, 150, 150, 32, torch.float32, True, {"window": 37}),
+    # window wider than a tile: exercises the unmasked-interior-tile split with a window on both sides
+    "sliding_window_wide_gqa": (1, 4, 2, 256, 256, 32, torch.float32, True, {"window": 150}),
+    "noncausal_window": (1, 2, 1, 200, 200, 32, torch.float32, False, {"window": 90}),
     "gqa8x2_fp16": (1, 8, 2, 100, 100, 64, torch.float16, True, {}),
     "gqa8x2_bf16": (1, 8, 2, 100, 100, 64, torch.bfloat16, True, {}),
     "noncausal_bf16": (1, 4, 4, 80, 80, 32, torch.bfloat16, False, {}),

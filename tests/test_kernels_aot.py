@@ -50,6 +50,17 @@ def test_aot_compile_all_kernels_sm80_sm90(tmp_path):
     check(r, records, ["full"])
 
 
+def test_aot_compile_hot_path_variant(tmp_path):
+    """The mask-free causal variant (what dense pretraining runs) for both architectures."""
+    r, records = run_aot(tmp_path, "--variants", "plain", "--dtypes", "bf16", "--head-dims", "128",
+                         "--kernels", "fwd", "bwd_dkdv", "bwd_dq")
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-6000:]
+    assert {(x["kernel"], x["arch"]) for x in records} == {
+        (k, a) for k in ("fwd", "bwd_dkdv", "bwd_dq") for a in ("sm_80", "sm_90")}
+    for x in records:
+        assert x["ok"] and x["shared"] <= x["shared_limit"] and x.get("local", 0) == 0, x
+
+
 @pytest.mark.slow
 def test_aot_compile_plain_and_all_variants(tmp_path):
     r, records = run_aot(tmp_path, "--all-variants", "--head-dims", "32", "64", "128", "256", timeout=3600)
