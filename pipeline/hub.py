@@ -304,7 +304,8 @@ def card_info(artifact: Artifact, repo_id: str, revision: str | None, license: s
             path, parent = _input_manifest(inp)
             if parent is not None:
                 visit(parent, path if read_manifest(path) else path.parent, depth + 1)
-        entries = [e for k, e in read_pushes(stage_dir.parent).items()
+        records = {**read_pushes(artifact.run_dir), **read_pushes(stage_dir.parent)}
+        entries = [e for k, e in sorted(records.items())
                    if k.startswith(f"{m.get('fingerprint')}:") and e.get("endpoint") == endpoint]
         chain.append(StageLink(m.get("stage", stage_dir.name), m.get("fingerprint", "?"),
                                {k: v.get("spec", "?") for k, v in (m.get("inputs") or {}).items()},

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,16 @@ def numeric_metrics(metrics: dict, prefix: str = "") -> dict[str, float | int]:
         elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             out[name] = value
     return out
+
+
+# what an evaluation result looks like (the model-index); counts, timings and steps stay in the text table
+EVAL_METRIC = re.compile(r"(loss|acc|bpb|bits_per_byte|perplexity|ppl|reward|score|win|kl|judge|f1|exact|bleu|rouge)",
+                         re.I)
+
+
+def eval_metrics(metrics: dict) -> dict[str, float | int]:
+    """The top-level numeric metrics that are evaluation results (for the model-index)."""
+    return {k: v for k, v in numeric_metrics(metrics).items() if "/" not in k and EVAL_METRIC.search(k)}
 
 
 def settings_summary(settings: dict | None, limit: int = 600) -> str:
@@ -155,12 +166,13 @@ def model_card(info: CardInfo) -> str:
     pipeline_tag, task_type, task_name = TASKS.get(info.auto_class, (None, "text-generation", "Language modeling"))
     if pipeline_tag and info.kind == "model":
         meta["pipeline_tag"] = pipeline_tag
-    if metrics and info.kind == "model":
+    results = eval_metrics(info.manifest.get("metrics") or {})
+    if results and info.kind == "model":
         ds_type, ds_name = info.eval_dataset or ("local", f"{info.stage} evaluation data")
         meta["model-index"] = [{"name": name, "results": [{
             "task": {"type": task_type, "name": task_name},
             "dataset": {"type": ds_type, "name": ds_name},
-            "metrics": [{"type": k, "name": k, "value": v} for k, v in metrics.items()],
+            "metrics": [{"type": k, "name": k, "value": v} for k, v in results.items()],
         }]}]
 
     rev = _rev_arg(info.revision)

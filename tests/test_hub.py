@@ -217,7 +217,8 @@ def test_card_names_parent_datasets_and_metrics(hub, run, tmp_path):
     assert sft.data.license == "mit" and pre.data.license == "apache-2.0"
     assert sft.data.library_name == "transformers" and "llm-pipeline" in sft.data.tags and "sft" in sft.data.tags
     results = {r.metric_type: r.metric_value for r in pre.data.eval_results}  # parsed from model-index
-    assert results == {"val_loss": 5.25, "val_bpb": 2.125, "tokens": 4096}
+    assert results == {"val_loss": 5.25, "val_bpb": 2.125}  # evaluation results; counts stay in the text
+    assert "| tokens | 4096 |" in pre.text
     assert pre.data.eval_results[0].dataset_type == "alice/tiny-data"
     # the text: how to load, and the chain of stages with their fingerprints
     manifests = {s: artifacts.read_manifest(run / s) for s in ("tokenizer", "prepare", "pretrain", "sft")}
