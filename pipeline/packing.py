@@ -79,8 +79,7 @@ def pack_documents(dataset, tokenizer, block_size: int, num_proc: int | None = N
         name: pa.FixedSizeListArray.from_arrays(pa.array(arr.reshape(-1), pa.int32()), width)
         for name, arr in packed.items()
     })
-    features = datasets.Features({name: datasets.Sequence(datasets.Value("int32"), length=width) for name in packed})
-    return datasets.Dataset(datasets.table.InMemoryTable(table)).cast(features)
+    return datasets.Dataset(datasets.table.InMemoryTable(table))  # features: fixed-length int32 lists
 
 
 def collate_blocks(rows: list[dict]) -> dict[str, torch.Tensor]:
