@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST = "manifest.json"
+NOT_FINGERPRINTED = ("inputs", "launch", "push")  # how and where a stage runs or publishes, not what it makes
 
 
 def fingerprint(data: Any) -> str:
@@ -58,7 +59,7 @@ def stage_fingerprint(recipe, name: str, input_fps: dict[str, str]) -> str:
     data = {
         "stage": name,
         "version": settings.VERSION,
-        "settings": {k: v for k, v in to_dict(settings).items() if k not in ("inputs", "launch")},
+        "settings": {k: v for k, v in to_dict(settings).items() if k not in NOT_FINGERPRINTED},
         "inputs": input_fps,
         "seed": recipe.seed,
     }

@@ -28,6 +28,7 @@ import yaml
 
 from pipeline.config import ConfigError, apply_overrides, from_dict
 from pipeline.corpus import BUILTIN_CORPORA
+from pipeline.hub import PushSettings
 from pipeline.instruction_task import TASK_VERSION
 from pipeline.settings import ModelSettings, TrainSettings
 
@@ -56,6 +57,8 @@ class StageSettings:
 
     inputs: dict[str, str] = field(default_factory=dict)
     launch: Launch = field(default_factory=Launch)
+    push: PushSettings | None = None
+    # upload the outputs to a hub after the stage succeeds (pipeline/hub.py; not part of the fingerprint)
 
     INPUTS: ClassVar[dict[str, str]] = {}  # input name -> what it must be (text, tokenizer, dataset, model)
     DEFAULT_INPUTS: ClassVar[dict[str, str]] = {}

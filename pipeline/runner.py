@@ -136,10 +136,31 @@ def run(recipe: Recipe, only: list[str] | None = None, force: list[str] | None =
             print(f"error: stage {s.name} exited 0 but published no complete manifest", file=sys.stderr)
             return 1
         print(f"[pipeline] {s.name}: done in {time.time() - start:.1f} s", flush=True)
+    if (code := push_outputs(recipe, [s.name for s in stages if s.status != "skip"])) != 0:
+        return code
     from pipeline.report import build_report
 
     report = build_report(recipe.run_path)
     print(f"[pipeline] all stages done in {time.time() - run_start:.1f} s; outputs in {recipe.run_path}; report {report}")
+    return 0
+
+
+def push_outputs(recipe: Recipe, names: list[str]) -> int:
+    """Upload the outputs of done stages that have `push:` and are not yet on the hub; a failed push
+    leaves the stage done (its outputs are fine) and exits non-zero."""
+    from pipeline.hub import PushError, pending_pushes, push_stage_outputs
+
+    for name in names:
+        settings = recipe.settings[name].push
+        if settings is None or not pending_pushes(recipe.run_path, name, settings):
+            continue
+        try:
+            for where in push_stage_outputs(recipe.run_path, name, settings):
+                print(f"[pipeline] {name}: pushed to {where}", flush=True)
+        except PushError as e:
+            print(f"error: stage {name}: push failed: {e}; the stage stays done, re-run to retry the push",
+                  file=sys.stderr)
+            return 1
     return 0
 
 

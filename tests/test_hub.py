@@ -436,3 +436,39 @@ def test_push_stage_outputs_and_settings(hub, run):
 def test_hub_module_imports_no_hub_client():
     code = "import sys, pipeline.hub; sys.exit('huggingface_hub' in sys.modules or 'transformers' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+
+def test_recipe_push_runs_after_the_stage_and_only_once(hub, tmp_path):
+    """`stages.NAME.push` in a recipe: the runner pushes after the stage; push settings never re-run it."""
+    import pydoc_data.topics
+    import yaml
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(list(pydoc_data.topics.topics.values())[:20]))
+    section = {"inputs": {"corpus": str(corpus)}, "vocab_size": 320}
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "stages": {"tokenizer": section}}))
+    env = sub_env(tmp_path, HF_ENDPOINT=hub.url, HF_TOKEN=TOKEN)
+    assert run_cli("pipeline", "run", str(recipe), env=env).returncode == 0
+    finished = json.loads((tmp_path / "run" / "tokenizer" / "manifest.json").read_text())["finished"]
+
+    section["push"] = {"repo": f"{USER}/tiny-tokenizer"}
+    recipe.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "stages": {"tokenizer": section}}))
+    out = run_cli("pipeline", "run", str(recipe), env=env)
+    assert out.returncode == 0, out.stderr
+    assert "tokenizer: up to date" in out.stdout and f"pushed to {USER}/tiny-tokenizer" in out.stdout
+    assert json.loads((tmp_path / "run" / "tokenizer" / "manifest.json").read_text())["finished"] == finished
+    files = hub.files(f"{USER}/tiny-tokenizer")
+    assert {"tokenizer.json", "tokenizer_config.json", "README.md"} <= set(files)
+    assert files["tokenizer.json"] == (tmp_path / "run" / "tokenizer" / "tokenizer" / "tokenizer.json").read_bytes()
+
+    commits = hub.counts["commit"]
+    out = run_cli("pipeline", "run", str(recipe), env=env)
+    assert out.returncode == 0 and "pushed to" not in out.stdout and hub.counts["commit"] == commits
+
+    section["push"] = {"repo": f"{USER}/other"}
+    recipe.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "stages": {"tokenizer": section}}))
+    out = run_cli("pipeline", "run", str(recipe), env={**env, "HF_TOKEN": "hf_wrongTokenXXXXXXXXXXXXXXXXXXXXXXXX"})
+    assert out.returncode == 1 and "push failed" in out.stderr and "stays done" in out.stderr
+    assert "hf_wrongToken" not in out.stdout + out.stderr
+    assert json.loads((tmp_path / "run" / "tokenizer" / "manifest.json").read_text())["complete"] is True
