@@ -47,16 +47,26 @@ def tokenize_documents(dataset, tokenizer, num_proc: int | None = None):
                        remove_columns=dataset.column_names, desc="tokenize")
 
 
-def pack_stream(doc_ids: list[np.ndarray] | np.ndarray, doc_lens: np.ndarray | None, block_size: int) -> dict[str, np.ndarray]:
-    """Flat token stream + document lengths -> {'input_ids', 'position_ids'} arrays [n_blocks, T+1]."""
-    stream = np.asarray(doc_ids, dtype=np.int64)
-    lens = np.asarray(doc_lens, dtype=np.int64)
-    starts = np.cumsum(lens) - lens
-    pos_in_doc = np.arange(stream.size) - np.repeat(starts, lens)
+def pack_stream(stream: np.ndarray, doc_lens: np.ndarray, block_size: int,
+                chunk_blocks: int = 1 << 16) -> dict[str, np.ndarray]:
+    """Flat token stream + document lengths -> {'input_ids', 'position_ids'} int32 [n_blocks, T+1].
+
+    Works through the blocks in chunks, so memory stays near the size of the output.
+    """
+    stream = np.asarray(stream)
+    starts = np.cumsum(np.asarray(doc_lens, dtype=np.int64)) - np.asarray(doc_lens, dtype=np.int64)
     n_blocks = max(0, (stream.size - 1) // block_size)
-    idx = np.arange(n_blocks)[:, None] * block_size + np.arange(block_size + 1)[None, :]
-    positions = np.minimum(pos_in_doc[idx], np.arange(block_size + 1)[None, :])  # restart at each block start
-    return {"input_ids": stream[idx].astype(np.int32), "position_ids": positions.astype(np.int32)}
+    width = block_size + 1
+    ids = np.empty((n_blocks, width), dtype=np.int32)
+    positions = np.empty((n_blocks, width), dtype=np.int32)
+    offsets = np.arange(width)
+    for lo in range(0, n_blocks, chunk_blocks):
+        hi = min(n_blocks, lo + chunk_blocks)
+        idx = np.arange(lo, hi)[:, None] * block_size + offsets[None, :]
+        doc_start = starts[np.searchsorted(starts, idx, side="right") - 1]
+        ids[lo:hi] = stream[idx]
+        positions[lo:hi] = np.minimum(idx - doc_start, offsets[None, :])  # restart at each block start too
+    return {"input_ids": ids, "position_ids": positions}
 
 
 def pack_documents(dataset, tokenizer, block_size: int, num_proc: int | None = None):
@@ -71,7 +81,7 @@ def pack_documents(dataset, tokenizer, block_size: int, num_proc: int | None = N
         raise ValueError(f"block_size: must be at least 2, got {block_size}")
     tokenized = tokenize_documents(dataset, tokenizer, num_proc)
     column = tokenized.data.column("ids").combine_chunks() if len(tokenized) else pa.array([], pa.list_(pa.int64()))
-    stream = column.flatten().to_numpy(zero_copy_only=False)
+    stream = column.flatten().to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
     lens = column.value_lengths().to_numpy(zero_copy_only=False)
     packed = pack_stream(stream, lens, block_size)
     width = block_size + 1

@@ -32,6 +32,18 @@ def test_pack_stream_layout():
     assert targets.tolist() == stream[1:1 + targets.size].tolist()
 
 
+def test_pack_stream_chunking_does_not_change_blocks():
+    rng = np.random.default_rng(0)
+    lens = rng.integers(1, 40, 300)
+    stream = rng.integers(0, 1000, lens.sum())
+    whole, chunked = pack_stream(stream, lens, 16), pack_stream(stream, lens, 16, chunk_blocks=7)
+    for key in whole:
+        assert np.array_equal(whole[key], chunked[key])
+    doc_pos = np.arange(stream.size) - np.repeat(np.cumsum(lens) - lens, lens)
+    idx = np.arange(len(whole["input_ids"]))[:, None] * 16 + np.arange(17)
+    assert np.array_equal(whole["position_ids"], np.minimum(doc_pos[idx], np.arange(17)))
+
+
 def test_pack_documents_adds_bos_eos_and_is_deterministic(tokenizer):
     texts = repetitive_texts(1000, seed=3)
     one = pack_documents(texts_dataset(texts), tokenizer, 64, num_proc=1)
