@@ -20,8 +20,9 @@ Stages own only what is theirs: the model, the data and a `loss_fn(model, batch)
   the pipeline run started), TensorBoard events under `work_dir/tensorboard` (from the accelerator).
   Lines for steps after the resumed checkpoint are dropped on resume, so the files always describe
   a single run.
-* A non-finite loss (on any rank) raises `NonFiniteLossError` naming the step before the optimizer
-  applies it; no checkpoint is written for it, so the last good one stays the latest.
+* A non-finite loss (on any rank) or gradient norm raises `NonFiniteLossError` naming the step
+  before the optimizer applies it (under DeepSpeed the step runs inside backward, so a bad gradient
+  is caught after it); no checkpoint is written after it, so the last good one stays the latest.
 """
 
 from __future__ import annotations
@@ -314,6 +315,10 @@ def train(
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), settings.grad_clip or float("inf"))
+                    if grad_norm is not None and not math.isfinite(float(grad_norm)):  # same on every rank
+                        raise NonFiniteLossError(
+                            f"gradient norm is {float(grad_norm)} at step {step + 1}; training stopped, the last "
+                            f"good checkpoint is kept in {checkpoint_dir(work_dir)}")
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             step_loss += mean_loss / settings.grad_accum_steps
