@@ -5,6 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+# One thread per process: tests start several processes on 2 cores, and oversubscribed torch threads
+# run many times slower (set before torch is imported; subprocesses inherit it).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 # Before anything imports triton: kernels run under the interpreter when there is no GPU.
 try:
     import torch
