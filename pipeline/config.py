@@ -103,7 +103,10 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
             kwargs[name] = _convert(data[name], hints[name], _join(path, name))
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{_join(path, name)}: required key is missing")
-    obj = cls(**kwargs)
+    try:
+        obj = cls(**kwargs)  # a __post_init__ may validate already
+    except ConfigError as e:
+        raise ConfigError(_join(path, str(e))) from None
     validate = getattr(obj, "validate", None)
     if validate is not None:
         try:

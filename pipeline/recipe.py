@@ -30,6 +30,7 @@ from pipeline.config import ConfigError, apply_overrides, from_dict
 from pipeline.corpus import BUILTIN_CORPORA
 from pipeline.hub import PushSettings
 from pipeline.instruction_task import TASK_VERSION
+from pipeline.ppo_settings import PPOSettings
 from pipeline.settings import ModelSettings, TrainSettings
 
 REFERENCE = re.compile(r"^([A-Za-z_][\w-]*)\.([A-Za-z_]\w*)$")
@@ -203,6 +204,44 @@ class RewardSettings(StageSettings, TrainSettings):
 
 
 @dataclass
+class PPOStageSettings(StageSettings, PPOSettings):
+    """PPO's algorithm settings (pipeline/ppo_settings.py) plus the loop around them."""
+
+    max_steps: int = 100
+    # PPO iterations: each samples `batch_size` prompts per process, then runs ppo_epochs over them
+    batch_size: int = 16
+    # prompts per process per iteration (episodes per iteration = batch_size x processes)
+    learning_rate: float = 1e-5
+    value_learning_rate: float | None = None
+    # none: learning_rate
+    weight_decay: float = 0.0
+    max_prompt_length: int = 128
+    # prompt tokens kept (from the end, so the assistant header stays)
+    prompt_column: str = "prompt"
+    normalize_rewards: bool = True
+    # read reward_mean/reward_std from the reward model's reward_stats.json (else the values given here)
+    save_every: int = 25
+    keep_checkpoints: int = 2
+    log_every: int = 1
+
+    INPUTS: ClassVar = {"policy": "model", "reward": "model", "prompts": "dataset", "value": "model", "reference": "model"}
+    OPTIONAL_INPUTS: ClassVar = ("value", "reference")  # default: the reward model, the policy's start
+    OUTPUTS: ClassVar = ("model", "value")
+    ACCELERATED: ClassVar = True
+
+    def validate(self) -> None:
+        StageSettings.validate(self)
+        PPOSettings.validate(self)
+        for key in ("max_steps", "batch_size", "save_every", "keep_checkpoints", "log_every", "max_prompt_length"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}: must be at least 1, got {getattr(self, key)}")
+        if self.learning_rate <= 0 or (self.value_learning_rate is not None and self.value_learning_rate <= 0):
+            raise ConfigError(f"learning_rate: must be positive, got {self.learning_rate}")
+        if self.seed:
+            raise ConfigError("seed: set the recipe's top-level seed; PPO derives its sampling seed from it")
+
+
+@dataclass
 class EvaluateSettings(StageSettings):
     n_prompts: int = 200
     # held-out prompts each causal checkpoint answers (judge score, reward-model win rate)
@@ -240,6 +279,7 @@ STAGE_TYPES: dict[str, type[StageSettings]] = {
     "instructions": InstructionsSettings,
     "sft": SFTSettings,
     "reward": RewardSettings,
+    "ppo": PPOStageSettings,
     "evaluate": EvaluateSettings,
 }
 

@@ -1,0 +1,173 @@
+"""PPO stage: RLHF of the SFT policy against the reward model (TRL no longer has a PPO trainer).
+
+    python -m stages.ppo recipes/tiny.yaml
+    accelerate launch --config_file recipes/accelerate/cpu_zero2.yaml --num_processes 2 -m stages.ppo recipes/tiny.yaml
+
+Inputs: `policy` (a causal-LM checkpoint, e.g. `sft.model`), `reward` (a sequence-classification reward
+model, e.g. `reward.model`), `prompts` (a dataset with a `prompt` column; its train split is used), and
+optionally `value` (default: the reward model, as InstructGPT does) and `reference` (default: the policy's
+starting checkpoint). Works on any such folders, so a recipe holding only this stage runs on models
+trained elsewhere. Outputs: `model/` (the policy, loads with AutoModelForCausalLM) and `value/`.
+
+The algorithm is pipeline/ppo_trainer.py; this module adds the loop: prompts in a seeded order, metrics to
+`train_log.jsonl`/TensorBoard/progress bar, and resumable checkpoints (models, optimizers, KL controller,
+RNG and data position) in the stage's work dir — the same checkpoint helpers as every training stage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from pipeline import chat_data
+from pipeline.sources import load_dataset_input, model_path, require_columns
+from pipeline.stage import StageContext, StageError, stage_main
+
+log = logging.getLogger("pipeline")
+
+
+def reward_normalisation(ctx: StageContext, reward_dir: str) -> tuple[float, float]:
+    s = ctx.settings
+    stats_file = Path(reward_dir) / "reward_stats.json"
+    if not s.normalize_rewards:
+        return s.reward_mean, s.reward_std
+    if not stats_file.is_file():
+        raise StageError(f"input reward: {stats_file} is missing; train the reward model with the reward stage, "
+                         f"or set stages.ppo.normalize_rewards: false and give reward_mean/reward_std")
+    stats = json.loads(stats_file.read_text())
+    return float(stats["mean"]), max(float(stats["std"]), 1e-6)
+
+
+def load_models(ctx: StageContext, attn: str):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    def causal(spec):
+        return AutoModelForCausalLM.from_pretrained(model_path(spec), dtype=torch.float32, attn_implementation=attn)
+
+    def scalar(spec):
+        model = AutoModelForSequenceClassification.from_pretrained(model_path(spec), dtype=torch.float32,
+                                                                   attn_implementation=attn)
+        if model.config.num_labels != 1:
+            raise StageError(f"input {spec.name}: {spec.spec} has {model.config.num_labels} labels; a reward or "
+                             f"value model has exactly one")
+        return model
+
+    inputs = ctx.inputs
+    policy = causal(inputs["policy"])
+    reference = causal(inputs.get("reference", inputs["policy"]))
+    value = scalar(inputs.get("value", inputs["reward"]))
+    reward = scalar(inputs["reward"])
+    for m in (policy, reference, value, reward):
+        m.config.use_cache = False
+    return policy, reference, value, reward
+
+
+def export(accelerator, trainer, tokenizer, ctx: StageContext) -> None:
+    """The policy and the value model as two standalone checkpoints (collective under ZeRO-3)."""
+    from transformers import GenerationConfig
+
+    state = accelerator.get_state_dict(trainer.model)
+    if not accelerator.is_main_process:
+        return
+    unwrapped = trainer.unwrapped
+    for output, prefix, module in (("model", "policy.", unwrapped.policy), ("value", "value_model.", unwrapped.value_model)):
+        out = ctx.output_dir(output)
+        module.config.use_cache = True
+        module.save_pretrained(out, state_dict={k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        tokenizer.save_pretrained(out)
+    GenerationConfig(bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
+                     eos_token_id=chat_data.stop_token_ids(tokenizer)).save_pretrained(ctx.output_dir("model"))
+
+
+def run(ctx: StageContext) -> None:
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+    from transformers import AutoTokenizer
+
+    from pipeline.distributed import describe, finish, make_accelerator
+    from pipeline.models import attn_implementation
+    from pipeline.ppo_rollout import reward_model_scores
+    from pipeline.ppo_settings import PPOSettings
+    from pipeline.ppo_trainer import PPOTrainer, _prepare_frozen
+    from pipeline.training import (TrainerState, _append_jsonl, _truncate_jsonl, next_global_batch, resume_latest,
+                                   save_checkpoint)
+
+    s = ctx.settings
+    data = load_dataset_input(ctx.inputs["prompts"], seed=ctx.seed)
+    require_columns(data, [s.prompt_column], ctx.inputs["prompts"])
+    tokenizer = AutoTokenizer.from_pretrained(model_path(ctx.inputs["policy"]))
+    if tokenizer.chat_template is None:
+        raise StageError(f"input policy: the tokenizer of {ctx.inputs['policy'].spec} has no chat template")
+    prompts = [chat_data.prompt_ids(tokenizer, p)[-s.max_prompt_length:] for p in data["train"][s.prompt_column]]
+    mean, std = reward_normalisation(ctx, model_path(ctx.inputs["reward"]))
+
+    accelerator = make_accelerator(1, ctx.work_dir / "tensorboard", micro_batch_size=s.batch_size)
+    accelerator.init_trackers("ppo")
+    set_seed(ctx.seed)
+    policy, reference, value, reward = load_models(ctx, attn_implementation(ctx.recipe.model.attention))
+    algo = {f: getattr(s, f) for f in PPOSettings.__dataclass_fields__}
+    algo.update(reward_mean=mean, reward_std=std, seed=ctx.seed)
+    optim = lambda params, lr: torch.optim.AdamW(params, lr=lr, weight_decay=s.weight_decay, eps=1e-5)  # noqa: E731
+    trainer = PPOTrainer(policy, reference, value, None, SimpleNamespace(
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=chat_data.stop_token_ids(tokenizer)),
+        PPOSettings(**algo), accelerator, optim(policy.parameters(), s.learning_rate),
+        optim(value.parameters(), s.value_learning_rate or s.learning_rate))
+    reward = _prepare_frozen(reward, accelerator)
+    trainer.reward_fn = lambda ids, mask: reward_model_scores(reward, ids, mask)
+    accelerator.register_for_checkpointing(trainer)  # KL controller, counters, sampling RNG
+
+    state = resume_latest(accelerator, ctx.work_dir)
+    log_file = ctx.work_dir / "train_log.jsonl"
+    if accelerator.is_main_process:
+        _truncate_jsonl(log_file, state.step)
+        if state.step:
+            log.info("resumed from checkpoint at step %d", state.step)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    global_batch = s.batch_size * world
+    if len(prompts) < global_batch:
+        raise StageError(f"input prompts: {len(prompts)} prompts, fewer than one batch of {global_batch}")
+    bar = tqdm(total=s.max_steps, initial=state.step, disable=not accelerator.is_local_main_process, desc="ppo",
+               dynamic_ncols=True)
+    started, first_step = time.time(), state.step
+    metrics: dict = {}
+    while state.step < s.max_steps:
+        indices, state = next_global_batch(state, ctx.seed, len(prompts), global_batch)
+        mine = indices[rank * s.batch_size:(rank + 1) * s.batch_size]
+        metrics = trainer.step([prompts[int(i)] for i in mine])
+        state = TrainerState(state.step + 1, state.epoch, state.offset, state.tokens + int(metrics["response_length"] * global_batch))
+        if not all(torch.isfinite(torch.tensor(v)) for v in metrics.values()):
+            raise StageError(f"non-finite PPO metrics at step {state.step}: {metrics}; the last good checkpoint is kept")
+        row = {"step": state.step, **metrics, "elapsed_s": round(time.time() - ctx.run_start, 3)}
+        if accelerator.is_main_process:
+            _append_jsonl(log_file, row)
+        if state.step % s.log_every == 0:
+            accelerator.log({f"ppo/{k}": v for k, v in metrics.items()}, step=state.step)
+            bar.set_postfix(reward=f"{metrics['reward/raw']:.3f}", kl=f"{metrics['kl']:.3f}",
+                            len=f"{metrics['response_length']:.1f}")
+        bar.update(1)
+        if state.step % s.save_every == 0 or state.step == s.max_steps:
+            save_checkpoint(accelerator, state, ctx.work_dir, s.keep_checkpoints)
+    bar.close()
+    export(accelerator, trainer, tokenizer, ctx)
+    if accelerator.is_main_process:
+        seconds = time.time() - started
+        episodes = (state.step - first_step) * global_batch
+        rows = [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()]
+        first, last = rows[0], rows[-1]
+        ctx.metrics.update(
+            steps=state.step, resumed_from_step=first_step, episodes=state.step * global_batch,
+            episodes_per_s=round(episodes / seconds, 2) if episodes else None, train_seconds=round(seconds, 2),
+            reward_mean=mean, reward_std=std, distributed=describe(accelerator),
+            first_reward_raw=first["reward/raw"], final_reward_raw=last["reward/raw"], final_kl=last["kl"],
+            final_response_length=last["response_length"], final_eos_rate=last["eos_rate"],
+        )
+    finish(accelerator)
+
+
+if __name__ == "__main__":
+    stage_main("ppo", run)
