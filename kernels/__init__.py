@@ -10,4 +10,4 @@ Nothing heavy is imported here either: importing :mod:`kernels.flash_attention` 
 kernels, and ``TRITON_INTERPRET`` must be set before that happens on machines without a GPU.
 """
 
-__all__ = ["flash_attention", "transformers_attention", "aot"]
+# No __all__ either: `from kernels import *` must not pull in triton or transformers.

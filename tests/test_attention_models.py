@@ -284,6 +284,14 @@ def test_kernels_package_is_safe_for_transformers_probe():
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
 
 
+def test_transformers_does_not_mistake_us_for_hf_kernels():
+    """transformers reads the version of the distribution owning the `kernels` name (ours); a project
+    version in HF kernels' range would make transformers try to use our package as HF kernels."""
+    from transformers.utils.import_utils import is_kernels_available
+
+    assert not is_kernels_available()
+
+
 def test_saved_checkpoint_is_portable(tmp_path):
     _, ours = make_pair("llama")
     ours.save_pretrained(tmp_path)
