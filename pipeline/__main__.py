@@ -6,6 +6,9 @@
     python -m pipeline config recipes/tiny.yaml               # the resolved recipe, nothing run
     python -m pipeline report runs/tiny                       # runs/tiny/report.md with plots
     python -m pipeline push runs/tiny/pretrain/model --repo ORG/NAME [--private] [--revision BRANCH]
+    python -m pipeline label runs/tiny/sft/model --prompts prompts.jsonl --out labels/   # web page; docs/feedback.md
+    python -m pipeline label-export labels/ --out feedback/   # reward datasets: feedback/{rankings,ratings,pairs,sft}
+    python -m pipeline label-import labels.jsonl --dir labels/
 """
 
 from __future__ import annotations
@@ -35,7 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     add_push_arguments(sub.add_parser("push", help="upload a published model, tokenizer or dataset to a hub repo"))
     report = sub.add_parser("report", help="(re)write RUN_DIR/report.md and its plots from the published stages")
     report.add_argument("run_dir")
+    from pipeline.labeling import add_label_commands, run_label_command
+
+    add_label_commands(sub)
     args = parser.parse_args(argv)
+    if args.command in ("label", "label-export", "label-import"):
+        return run_label_command(args)
     if args.command == "push":
         return cli_push(args)
     if args.command == "report":
