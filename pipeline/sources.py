@@ -101,3 +101,13 @@ def model_path(spec: InputSpec) -> str:
     if spec.path is None or not (Path(spec.path) / "config.json").exists():
         raise StageError(f"input {spec.name}: {spec.path} holds no checkpoint (config.json missing)")
     return str(spec.path)
+
+
+def require_architecture(path: str, suffix: str, spec: InputSpec) -> None:
+    """Refuse a checkpoint of the wrong kind (a reward model given as a policy, or the reverse)."""
+    import json
+
+    architectures = json.loads((Path(path) / "config.json").read_text()).get("architectures") or []
+    if not any(a.endswith(suffix) for a in architectures):
+        raise StageError(f"input {spec.name}: {spec.spec} is a {', '.join(architectures) or 'model of unknown kind'}; "
+                         f"this input needs a *{suffix} checkpoint")

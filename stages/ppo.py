@@ -25,7 +25,7 @@ from types import SimpleNamespace
 import torch
 
 from pipeline import chat_data
-from pipeline.sources import load_dataset_input, model_path, require_columns
+from pipeline.sources import load_dataset_input, model_path, require_architecture, require_columns
 from pipeline.stage import StageContext, StageError, stage_main
 
 log = logging.getLogger("pipeline")
@@ -47,9 +47,11 @@ def load_models(ctx: StageContext, attn: str):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     def causal(spec):
+        require_architecture(model_path(spec), "ForCausalLM", spec)
         return AutoModelForCausalLM.from_pretrained(model_path(spec), dtype=torch.float32, attn_implementation=attn)
 
     def scalar(spec):
+        require_architecture(model_path(spec), "ForSequenceClassification", spec)
         model = AutoModelForSequenceClassification.from_pretrained(model_path(spec), dtype=torch.float32,
                                                                    attn_implementation=attn)
         if model.config.num_labels != 1:

@@ -22,7 +22,7 @@ import torch
 
 from pipeline import chat_data
 from pipeline.models import attn_implementation, causal_lm_loss
-from pipeline.sources import load_dataset_input, model_path, require_columns
+from pipeline.sources import load_dataset_input, model_path, require_architecture, require_columns
 from pipeline.stage import StageContext, StageError, stage_main
 
 log = logging.getLogger("pipeline")
@@ -84,6 +84,7 @@ def run(ctx: StageContext) -> None:
     columns = [s.prompt_column, s.completion_column] if s.prompt_column else [s.messages_column]
     require_columns(data, columns, ctx.inputs["data"])
     source = model_path(ctx.inputs["model"])
+    require_architecture(source, "ForCausalLM", ctx.inputs["model"])
     tokenizer = AutoTokenizer.from_pretrained(source)
     if tokenizer.chat_template is None:
         raise StageError(f"input model: the tokenizer in {source} has no chat template")

@@ -46,3 +46,31 @@ def write_recipe(tmp_path):
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def base_model(tmp_path_factory):
+    """A tiny Llama checkpoint with our chat tokenizer: what a pretraining stage would hand over."""
+    import pydoc_data.topics
+
+    from pipeline.models import build_model
+    from pipeline.settings import ModelSettings
+    from stages.tokenizer import train_tokenizer
+
+    path = tmp_path_factory.mktemp("base") / "model"
+    tokenizer = train_tokenizer(list(pydoc_data.topics.topics.values())[:40], 400, 2)
+    torch.manual_seed(0)
+    settings = ModelSettings(size="nano", max_seq_len=256, attention="sdpa")
+    model = build_model(settings, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def save_dataset(path: Path, train: list[dict], validation: list[dict]) -> Path:
+    """A `datasets` folder with train and validation splits."""
+    import datasets
+
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(train),
+                          "validation": datasets.Dataset.from_list(validation)}).save_to_disk(str(path))
+    return path

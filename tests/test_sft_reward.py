@@ -9,7 +9,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, save_dataset
 from pipeline import chat_data
 from pipeline.preferences import ranking_pairs, to_groups
 
@@ -19,37 +19,10 @@ TRAIN = {"micro_batch_size": 8, "learning_rate": 3e-3, "warmup_steps": 2, "eval_
 
 
 @pytest.fixture(scope="module")
-def base_model(tmp_path_factory):
-    """A tiny Llama checkpoint with our chat tokenizer: what a pretraining stage would hand over."""
-    import pydoc_data.topics
-
-    from pipeline.models import build_model
-    from pipeline.settings import ModelSettings
-    from stages.tokenizer import train_tokenizer
-
-    path = tmp_path_factory.mktemp("base") / "model"
-    tokenizer = train_tokenizer(list(pydoc_data.topics.topics.values())[:40], 400, 2)
-    torch.manual_seed(0)
-    settings = ModelSettings(size="nano", max_seq_len=256, attention="sdpa")
-    model = build_model(settings, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def tokenizer(base_model):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(base_model)
-
-
-def save_dataset(path: Path, train: list[dict], validation: list[dict]) -> Path:
-    import datasets
-
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(train),
-                          "validation": datasets.Dataset.from_list(validation)}).save_to_disk(str(path))
-    return path
 
 
 def write_recipe(tmp_path, stage: str, model: Path, data: Path, **settings) -> Path:
