@@ -140,6 +140,75 @@ def zero_stage(accelerator) -> int | None:
     return None if plugin is None else int(plugin.zero_stage)
 
 
+def checkpoint_topology(accelerator) -> dict[str, Any]:
+    """What a checkpoint's layout depends on: recorded in trainer_state.json, compared on resume."""
+    return {"world_size": accelerator.num_processes, "zero_stage": zero_stage(accelerator)}
+
+
+def deepspeed_tags(accelerator) -> list[tuple[str, Any]]:
+    """(tag, engine) of every DeepSpeed engine `accelerator.save_state` wrote: `pytorch_model`, `pytorch_model_1`, ...
+
+    Engines without an optimizer (frozen models) are left out: they are rebuilt from their source, not resumed.
+    """
+    return [("pytorch_model" if i == 0 else f"pytorch_model_{i}", engine)
+            for i, engine in enumerate(accelerator._models) if getattr(engine, "optimizer", None) is not None]
+
+
+def convert_to_universal(src: Path, dst: Path) -> None:
+    """DeepSpeed checkpoint folder `src` (one tag of save_state) -> universal checkpoint `dst`.
+
+    Runs `deepspeed.checkpoint.ds_to_universal` in a child process (it forks worker pools, which a
+    process holding a process group should not do). Written to `dst.tmp` then renamed, so a crash
+    never leaves a half-converted folder that looks complete.
+    """
+    import shutil
+    import subprocess
+    import sys
+
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src),
+           "--output_folder", str(tmp), "--num_extract_workers", "2", "--num_merge_workers", "1",
+           "--inject_missing_state"]  # plain (non-Megatron) models carry no universal_checkpoint_info
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"converting {src} to a universal checkpoint failed:\n$ {' '.join(cmd)}\n"
+                           f"{proc.stdout[-2000:]}{proc.stderr[-3000:]}")
+    (tmp.parent / "latest_universal").unlink(missing_ok=True)  # we always load by tag
+    tmp.rename(dst)
+
+
+def load_universal(engine, root: Path, tag: str) -> None:
+    """Load universal checkpoint `root/tag` into a DeepSpeed engine of any world size and ZeRO stage.
+
+    DeepSpeed reads the switch from its config (`checkpoint.load_universal`), fixed when the engine
+    was built; it is only consulted while loading, so it is turned on for this call alone.
+    """
+    import torch
+
+    inner = engine.optimizer.optimizer  # the torch optimizer inside DeepSpeed's ZeRO wrapper
+    hyper = [{k: v for k, v in g.items() if k != "params"} for g in inner.param_groups]
+    config = engine._config
+    before = config.load_universal_checkpoint
+    config.load_universal_checkpoint = True
+    try:
+        path, _ = engine.load_checkpoint(str(root), tag, load_module_strict=True, load_optimizer_states=True,
+                                         load_lr_scheduler_states=True)
+    finally:
+        config.load_universal_checkpoint = before
+    if path is None:
+        raise RuntimeError(f"DeepSpeed found no universal checkpoint {tag} in {root}")
+    # DeepSpeed 0.19's ZeRO-3 universal load gives every param group the hyperparameters of group 0
+    # (weight decay on norms and embeddings) and one shared `step` tensor to every state (bumped once
+    # per group per step, so Adam's bias correction runs ahead); both change the loss curve
+    for group, saved in zip(inner.param_groups, hyper):
+        group.update(saved)  # the recipe's values; the lr is set again every step
+    for state in inner.state.values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()
+
+
 def describe(accelerator) -> dict[str, Any]:
     """Facts about the running setup, for manifests and test assertions."""
     return {

@@ -32,12 +32,13 @@ import math
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from pipeline import distributed
 from pipeline.settings import TrainSettings
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{6,})$")
@@ -144,7 +145,8 @@ def save_checkpoint(accelerator, state: TrainerState, work_dir: Path, keep: int)
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
+        saved = {**asdict(state), **distributed.checkpoint_topology(accelerator)}
+        (tmp / STATE_FILE).write_text(json.dumps(saved, indent=1))
         if final.exists():  # same step saved by an earlier attempt
             shutil.rmtree(final)
         tmp.rename(final)
@@ -155,7 +157,14 @@ def save_checkpoint(accelerator, state: TrainerState, work_dir: Path, keep: int)
 
 
 def resume_latest(accelerator, work_dir: Path) -> TrainerState:
-    """Load the latest complete checkpoint (if any) into the prepared objects; drop stale `.tmp` dirs."""
+    """Load the latest complete checkpoint (if any) into the prepared objects; drop stale `.tmp` dirs.
+
+    A checkpoint saved at another world size (more or fewer nodes) or ZeRO stage still resumes:
+    DeepSpeed's partitioned optimizer states are converted once to a universal checkpoint inside the
+    checkpoint folder (`universal/`) and loaded resharded; DDP and single-process states hold full
+    tensors and load as they are (only the per-rank RNG files do not match, and nothing here draws
+    from them). The data position counts examples, so the batches continue where they stopped.
+    """
     root = checkpoint_dir(work_dir)
     if accelerator.is_main_process and root.is_dir():
         for p in root.glob("*.tmp"):
@@ -164,8 +173,38 @@ def resume_latest(accelerator, work_dir: Path) -> TrainerState:
     found = list_checkpoints(work_dir)
     if not found:
         return TrainerState()
-    accelerator.load_state(str(found[-1]))
-    return TrainerState(**json.loads((found[-1] / STATE_FILE).read_text()))
+    latest = found[-1]
+    saved = json.loads((latest / STATE_FILE).read_text())
+    state = TrainerState(**{f.name: saved[f.name] for f in fields(TrainerState) if f.name in saved})
+    now = distributed.checkpoint_topology(accelerator)
+    was = {k: saved.get(k, now[k]) for k in now}  # checkpoints from before the topology was recorded
+    if was == now:
+        accelerator.load_state(str(latest))
+        return state
+    say = f"checkpoint {latest.name} was saved by {was['world_size']} process(es) (zero_stage {was['zero_stage']}), " \
+          f"resuming with {now['world_size']} (zero_stage {now['zero_stage']}):"
+    if (was["zero_stage"] is None) != (now["zero_stage"] is None):
+        raise RuntimeError(f"{say} a {'DeepSpeed' if was['zero_stage'] is not None else 'DDP/single-process'} "
+                           f"checkpoint cannot be loaded by a {'DeepSpeed' if now['zero_stage'] is not None else 'non-DeepSpeed'} "
+                           f"run; resume with the accelerate config it was saved with")
+    if now["zero_stage"] is None:
+        if accelerator.is_main_process:
+            print(f"{say} full model and optimizer states, loaded as they are")
+        accelerator.load_state(str(latest))
+        return state
+    universal = latest / "universal"
+    tags = distributed.deepspeed_tags(accelerator)
+    if accelerator.is_main_process:
+        print(f"{say} loading it as a DeepSpeed universal checkpoint from {universal}")
+        for tag, _ in tags:
+            if not (universal / tag).is_dir():
+                start = time.time()
+                distributed.convert_to_universal(latest / tag, universal / tag)
+                print(f"converted {latest / tag} to a universal checkpoint in {time.time() - start:.1f} s")
+    accelerator.wait_for_everyone()
+    for tag, engine in tags:
+        distributed.load_universal(engine, universal, tag)
+    return state
 
 
 def _truncate_jsonl(path: Path, max_step: int) -> None:
