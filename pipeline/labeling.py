@@ -472,12 +472,18 @@ def export(folder: Path, out: Path, validation_fraction: float = 0.1, correction
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     counts = {}
-    for name in FORMATS:
-        if not rows[name]:
-            continue
-        splits = split_rows(rows[name], validation_fraction)
-        datasets.DatasetDict({s: datasets.Dataset.from_list(r) for s, r in splits.items()}).save_to_disk(str(staging / name))
-        counts[name] = {s: len(r) for s, r in splits.items()}
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # a few rows: no bar per shard
+    try:
+        for name in FORMATS:
+            if not rows[name]:
+                continue
+            splits = split_rows(rows[name], validation_fraction)
+            datasets.DatasetDict({s: datasets.Dataset.from_list(r) for s, r in splits.items()}).save_to_disk(str(staging / name))
+            counts[name] = {s: len(r) for s, r in splits.items()}
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
     with open(staging / JUDGEMENTS, "w", encoding="utf-8") as f:
         for judgement in judgements:
             f.write(json.dumps(judgement, ensure_ascii=False) + "\n")
@@ -707,6 +713,8 @@ def add_label_commands(sub) -> None:
 
 
 def run_label_command(args) -> int:
+    from pipeline.config import ConfigError
+
     try:
         if args.command == "label":
             from pipeline.labeling_server import serve
@@ -740,7 +748,7 @@ def run_label_command(args) -> int:
             n = import_labels(Path(args.file), Path(args.dir), args.labeler)
             print(f"imported {n} judgements into {args.dir}")
             return 0
-    except LabelError as e:
+    except (LabelError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     raise ValueError(args.command)
