@@ -209,6 +209,7 @@
       return;
     }
     drafts.delete(item.index);
+    if (document.activeElement === $("correction")) $("correction").blur(); // keys rank the next prompt
     session.done = result.done;
     updateProgress();
     if (result.next === null) {
