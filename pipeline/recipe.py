@@ -152,53 +152,53 @@ class InstructionsSettings(StageSettings):
 
 
 @dataclass
-class SFTSettings(StageSettings, TrainSettings):
+class ChatTrainSettings(StageSettings, TrainSettings):
+    """A training stage that starts from a checkpoint and reads chat-formatted data (SFT, reward)."""
+
     max_length: int = 256
-    # tokens per conversation (longer ones are truncated); with packing, tokens per packed row
+    # tokens per example; SFT truncates the end, the reward model keeps the end (its score is read there)
+
+    INPUTS: ClassVar = {"model": "model", "data": "dataset"}
+    OUTPUTS: ClassVar = ("model",)
+    ACCELERATED: ClassVar = True
+
+    def validate(self) -> None:
+        StageSettings.validate(self)
+        TrainSettings.validate(self)
+        if self.max_length < 8:
+            raise ConfigError(f"max_length: must be at least 8, got {self.max_length}")
+
+
+@dataclass
+class SFTSettings(ChatTrainSettings):
     messages_column: str = "messages"
     # a list of {role, content}; rendered with the tokenizer's chat template
     prompt_column: str | None = None
     completion_column: str | None = None
     # instead of messages: build a user/assistant pair from these two columns
     packing: bool = False
-    # several conversations per row, position ids restarting (no attention across them)
+    # several conversations per row up to max_length, position ids restarting (no attention across them)
     sample_prompts: int = 4
     # validation prompts answered greedily after training (manifest and logs)
     max_new_tokens: int = 64
 
-    INPUTS: ClassVar = {"model": "model", "data": "dataset"}
-    OUTPUTS: ClassVar = ("model",)
-    ACCELERATED: ClassVar = True
-
     def validate(self) -> None:
-        StageSettings.validate(self)
-        TrainSettings.validate(self)
+        super().validate()
         if (self.prompt_column is None) != (self.completion_column is None):
             raise ConfigError("prompt_column: give both prompt_column and completion_column, or neither")
-        if self.max_length < 8:
-            raise ConfigError(f"max_length: must be at least 8, got {self.max_length}")
 
 
 @dataclass
-class RewardSettings(StageSettings, TrainSettings):
+class RewardSettings(ChatTrainSettings):
     format: Literal["auto", "pairs", "rankings", "ratings"] = "auto"
     # auto: detected from the columns (pipeline/preferences.py lists them)
-    max_length: int = 256
-    # tokens of prompt + response the reward model reads (the start is cut, the end is kept)
     use_margin: bool = False
     # subtract the pair's margin (rating/rank difference, or a `margin` column) inside the loss (Llama 2)
     min_rating_gap: float = 0.0
     # ratings: two responses form a pair only when their ratings differ by more than this
 
-    INPUTS: ClassVar = {"model": "model", "data": "dataset"}
-    OUTPUTS: ClassVar = ("model",)
-    ACCELERATED: ClassVar = True
-
     def validate(self) -> None:
-        StageSettings.validate(self)
-        TrainSettings.validate(self)
-        if self.max_length < 8:
-            raise ConfigError(f"max_length: must be at least 8, got {self.max_length}")
+        super().validate()
         if self.min_rating_gap < 0:
             raise ConfigError(f"min_rating_gap: must be >= 0, got {self.min_rating_gap}")
 
