@@ -93,6 +93,7 @@ def test_label_reload_resume_export_and_train_reward(tiny_checkpoint, tmp_path):
             page.keyboard.type("kilo lima")
             page.keyboard.press("Control+Enter")
             expect(page.locator("#progress-text")).to_have_text("2 / 4 done")
+            expect(page.locator("#position")).to_have_text("prompt 3 of 4")
 
             # prompt 3: scores only, then "order by scores" (equal scores tie)
             shown = order(page)

@@ -7,6 +7,7 @@
   let item = null; // the prompt shown: {index, id, prompt, responses, order, judgement}
   let view = null; // what the person set: {order, tie, scores, ranked, allBad, correction, selected}
   const drafts = new Map(); // unsaved edits per item, kept while the page is open
+  let busy = false; // a save or page change is in flight: keys would land on the wrong prompt
 
   async function api(method, path, body) {
     const options = { method, headers: {} };
@@ -179,7 +180,12 @@
   }
 
   async function show(index, message = "") {
-    item = await api("GET", `/api/item/${index}`);
+    busy = true;
+    try {
+      item = await api("GET", `/api/item/${index}`);
+    } finally {
+      busy = false;
+    }
     view = drafts.get(index) || freshView(item);
     history.replaceState(null, "", `#${index + 1}`);
     render();
@@ -202,11 +208,14 @@
       return;
     }
     let result;
+    busy = true;
     try {
       result = await api("POST", "/api/judgement", body);
     } catch (e) {
       status(`NOT saved: ${e.message}`, "error");
       return;
+    } finally {
+      busy = false;
     }
     drafts.delete(item.index);
     if (document.activeElement === $("correction")) $("correction").blur(); // keys rank the next prompt
@@ -243,10 +252,11 @@
     const correction = $("correction");
     if (e.target === correction) {
       if (e.key === "Escape") { correction.blur(); e.preventDefault(); }
-      else if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) { e.preventDefault(); save(); }
+      else if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) { e.preventDefault(); if (!busy) save(); }
       return;
     }
     if (e.ctrlKey || e.metaKey || e.altKey || !item) return;
+    if (busy) { e.preventDefault(); return; }
     const last = view.order.length - 1;
     const key = e.key;
     let handled = true;
