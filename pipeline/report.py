@@ -60,12 +60,12 @@ def plot_curves(run_dir: Path, out_dir: Path) -> list[tuple[str, Path]]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     made = []
     for stage, file, x, y, title, ylabel in CURVES:
         rows = [r for r in _rows(run_dir / stage / file) if r.get(y) is not None]
         if not rows:
             continue
+        out_dir.mkdir(parents=True, exist_ok=True)
         fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
         ax.plot([r[x] for r in rows], [r[y] for r in rows], marker="o" if len(rows) < 30 else None, linewidth=1.4)
         ax.set_title(title)

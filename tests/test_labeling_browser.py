@@ -31,9 +31,14 @@ PROMPTS = [
     {"prompt": "Repeat: zulu", "responses": ["zulu", "ZULU"]},
 ]
 
-playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the dev extra)")
-if not Path(CHROMIUM).exists():
-    pytest.skip(f"no Chromium at {CHROMIUM}: apt-get install -y chromium", allow_module_level=True)
+if os.environ.get("CI"):  # .ci/run installs both: a missing one there is a failure, not a skip
+    import playwright.sync_api as playwright_api
+
+    assert Path(CHROMIUM).exists(), f"no Chromium at {CHROMIUM}; .ci/run installs Debian's chromium"
+else:
+    playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the dev extra)")
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {CHROMIUM}: apt-get install -y chromium", allow_module_level=True)
 
 
 def order(page) -> list[int]:

@@ -57,7 +57,7 @@ def test_run_skip_and_rerun_downstream_only(recipe, tmp_path):
     path = recipe()
     out = run_cli("pipeline", "run", str(path))
     assert out.returncode == 0, out.stderr
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".work", "prepare", "tokenizer"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".work", "prepare", "report.md", "tokenizer"]
     assert sorted(p.name for p in (tmp_path / "run" / "prepare").iterdir()) == ["dataset", "manifest.json"]
     first = {s: manifest(tmp_path, s) for s in ("tokenizer", "prepare")}
     assert first["prepare"]["inputs"]["tokenizer"]["fingerprint"].startswith(first["tokenizer"]["fingerprint"])
