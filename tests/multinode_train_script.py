@@ -1,12 +1,11 @@
 """Train the nano dense model with pipeline.training under any launcher; used by tests/test_multinode.py.
 
     accelerate launch --config_file recipes/accelerate/cpu_zero2.yaml --num_processes 2 \
-        tests/multinode_train_script.py DATA_DIR WORK_DIR --grad-accum 1 --stop-after 4
+        tests/multinode_train_script.py DATA_DIR WORK_DIR --grad-accum 1
 
 Unlike the pretrain stage, the work dir is given directly (no recipe fingerprint), so a resume may use
 another batch shape: 2 processes x 1 micro batch and 1 process x 2 accumulated micro batches make the
-same global batch. `--stop-after N` ends the run cleanly after optimizer step N, as a job killed there
-would leave it (the last checkpoint before N stays the latest). Rank 0 writes WORK_DIR/summary.json.
+same global batch. Rank 0 writes WORK_DIR/summary.json (the training summary and the distributed setup).
 """
 
 import argparse
@@ -20,10 +19,6 @@ from pipeline import distributed, models, packing, training  # noqa: E402
 from pipeline.settings import ModelSettings, TrainSettings  # noqa: E402
 
 
-class Stop(Exception):
-    pass
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("data")
@@ -31,7 +26,6 @@ def main() -> None:
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--max-steps", type=int, default=6)
     parser.add_argument("--save-every", type=int, default=3)
-    parser.add_argument("--stop-after", type=int, default=0, help="end cleanly after this optimizer step")
     args = parser.parse_args()
 
     import datasets
@@ -45,18 +39,9 @@ def main() -> None:
     accelerator = distributed.make_accelerator(args.grad_accum, None, micro_batch_size=2, grad_clip=train.grad_clip)
     set_seed(0)
     model = models.build_model(model_settings, 300, 0, 1, 2)
-
-    def on_step(step: int, loss: float) -> None:
-        if step == args.stop_after:
-            raise Stop
-
-    summary = {"stopped": True}
-    try:
-        _, summary = training.train(accelerator, model, data, packing.collate_blocks,
-                                    lambda m, b: models.causal_lm_loss(m, b, model_settings), train,
-                                    Path(args.work_dir), seed=0, on_step=on_step)
-    except Stop:
-        pass
+    _, summary = training.train(accelerator, model, data, packing.collate_blocks,
+                                lambda m, b: models.causal_lm_loss(m, b, model_settings), train,
+                                Path(args.work_dir), seed=0)
     summary["distributed"] = distributed.describe(accelerator)
     if accelerator.is_main_process:
         Path(args.work_dir, "summary.json").write_text(json.dumps(summary))
