@@ -113,6 +113,21 @@ def publish(staging: Path, final: Path, manifest: dict) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def provenance(started: float) -> dict:
+    """When and with what an artifact was made: manifest fields every producer writes."""
+    import sys
+    from datetime import datetime, timezone
+
+    return {
+        "started": datetime.fromtimestamp(started, timezone.utc).isoformat(),
+        "finished": datetime.now(timezone.utc).isoformat(),
+        "duration_s": round(time.time() - started, 3),
+        "versions": library_versions(),
+        "python": sys.version.split()[0],
+        "git_commit": git_commit(),
+    }
+
+
 def library_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 

@@ -513,12 +513,7 @@ def export(folder: Path, out: Path, validation_fraction: float = 0.1, correction
         "model": None,
         "seed": None,
         "metrics": metrics,
-        "started": datetime.fromtimestamp(started, timezone.utc).isoformat(),
-        "finished": datetime.now(timezone.utc).isoformat(),
-        "duration_s": round(time.time() - started, 3),
-        "versions": artifacts.library_versions(),
-        "python": sys.version.split()[0],
-        "git_commit": artifacts.git_commit(),
+        **artifacts.provenance(started),
     }
     artifacts.publish(staging, out, manifest)
     return {**manifest, "complete": True}

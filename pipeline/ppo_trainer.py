@@ -20,7 +20,7 @@ clipping is DeepSpeed's `gradient_clipping`.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Callable, Sequence
 
 import torch
@@ -30,7 +30,6 @@ from pipeline.ppo_settings import PPOSettings  # noqa: F401  (re-exported: the t
 from pipeline.ppo_core import (
     AdaptiveKLController,
     FixedKLController,
-    KLEstimator,
     compute_rewards,
     explained_variance,
     gae,

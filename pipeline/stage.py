@@ -15,7 +15,6 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
@@ -105,12 +104,7 @@ def build_manifest(ctx: StageContext, started: float) -> dict:
         "model": to_dict(ctx.recipe.model) if ctx.settings.USES_MODEL else None,
         "seed": ctx.recipe.seed,
         "metrics": ctx.metrics,
-        "started": datetime.fromtimestamp(started, timezone.utc).isoformat(),
-        "finished": datetime.now(timezone.utc).isoformat(),
-        "duration_s": round(time.time() - started, 3),
-        "versions": artifacts.library_versions(),
-        "python": sys.version.split()[0],
-        "git_commit": artifacts.git_commit(),
+        **artifacts.provenance(started),
     }
 
 

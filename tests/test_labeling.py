@@ -11,7 +11,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from conftest import ROOT, run_cli
@@ -24,25 +23,6 @@ ITEMS = [
     {"id": "s1", "prompt": "P1", "responses": ["x", "y"]},
     {"id": "s2", "prompt": "P2", "responses": ["m", "n"]},
 ]
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    """A tiny untrained Llama with our chat tokenizer (what SFT would hand over, minus the training)."""
-    import pydoc_data.topics
-
-    from pipeline.models import build_model
-    from pipeline.settings import ModelSettings
-    from stages.tokenizer import train_tokenizer
-
-    path = tmp_path_factory.mktemp("checkpoint") / "model"
-    tokenizer = train_tokenizer(list(pydoc_data.topics.topics.values())[:40], 400, 2)
-    torch.manual_seed(0)
-    model = build_model(ModelSettings(size="nano", max_seq_len=256, attention="sdpa"), len(tokenizer),
-                        tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def new_session(folder: Path, items=ITEMS) -> LabelStore:
@@ -298,11 +278,11 @@ def test_server_sigkill_loses_no_acknowledged_judgement_and_is_locked_down(tmp_p
 
 # --- sampling ---
 
-def test_label_samples_k_responses_from_a_checkpoint_or_a_recipe(tiny_checkpoint, tmp_path):
+def test_label_samples_k_responses_from_a_checkpoint_or_a_recipe(base_model, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "Repeat: alpha"}) + "\n" +
                        json.dumps({"messages": [{"role": "user", "content": "Repeat: bravo"}]}) + "\n")
-    store = labeling.start_session(tmp_path / "s", prompts, str(tiny_checkpoint), 3, max_new_tokens=6, seed=1)
+    store = labeling.start_session(tmp_path / "s", prompts, str(base_model), 3, max_new_tokens=6, seed=1)
     assert [i["prompt"] for i in store.items] == ["Repeat: alpha", "Repeat: bravo"]
     assert all(len(i["responses"]) == 3 and all(isinstance(r, str) for r in i["responses"]) for i in store.items)
     assert len({r for i in store.items for r in i["responses"]}) > 1  # sampled, not greedy copies
@@ -312,7 +292,7 @@ def test_label_samples_k_responses_from_a_checkpoint_or_a_recipe(tiny_checkpoint
     # a recipe stands for its published sft model
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "stages": {"sft": {
-        "inputs": {"model": str(tiny_checkpoint), "data": str(prompts)}}}}))
+        "inputs": {"model": str(base_model), "data": str(prompts)}}}}))
     with pytest.raises(LabelError, match="neither its sft nor its ppo stage"):
         labeling.resolve_model(str(recipe))
     published = tmp_path / "run" / "sft"

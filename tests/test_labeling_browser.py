@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from conftest import run_cli
-from test_labeling import start_server, tiny_checkpoint  # noqa: F401 - a fixture used below
+from test_labeling import start_server
 
 from pipeline.labeling import LabelStore
 
@@ -46,7 +46,7 @@ def order(page) -> list[int]:
     return [int(r) for r in page.locator("#responses > li").evaluate_all("els => els.map(e => e.dataset.response)")]
 
 
-def test_label_reload_resume_export_and_train_reward(tiny_checkpoint, tmp_path):  # noqa: F811
+def test_label_reload_resume_export_and_train_reward(base_model, tmp_path):
     given = tmp_path / "given.jsonl"
     given.write_text("".join(json.dumps(row) + "\n" for row in PROMPTS))
     session = tmp_path / "session"
@@ -161,7 +161,7 @@ def test_label_reload_resume_export_and_train_reward(tiny_checkpoint, tmp_path):
             expect(page.locator("#progress-text")).to_have_text("3 / 4 done")
 
             page.locator("#export").click()
-            expect(page.locator("#status")).to_contain_text("Exported to")
+            expect(page.locator("#status")).to_contain_text("Exported to", timeout=60_000)
             assert dialogs == [] and errors == []
             browser.close()
     finally:
@@ -177,7 +177,7 @@ def test_label_reload_resume_export_and_train_reward(tiny_checkpoint, tmp_path):
     recipe = tmp_path / "reward.yaml"
     recipe.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "seed": 1, "model": {"attention": "sdpa"},
                                       "stages": {"reward": {
-                                          "inputs": {"model": str(tiny_checkpoint), "data": str(export / "rankings")},
+                                          "inputs": {"model": str(base_model), "data": str(export / "rankings")},
                                           "max_steps": 3, "max_length": 64, "micro_batch_size": 2, "warmup_steps": 1,
                                           "learning_rate": 1e-3, "eval_every": 1000, "save_every": 1000,
                                           "log_every": 1, "eval_batches": 1}}}))

@@ -1,7 +1,7 @@
 """The runner: plan, skip what is done, re-run what changed and its downstream, never trust half-written output."""
 
 import json
-import os
+
 import signal
 import subprocess
 import sys

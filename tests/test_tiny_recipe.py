@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import run_cli
 
 STAGE_OUTPUTS = {
     "tokenizer": {"tokenizer", "manifest.json"},
