@@ -14,7 +14,10 @@ Stages own only what is theirs: the model, the data and a `loss_fn(model, batch)
 * Checkpoints: `accelerator.save_state` into `work_dir/checkpoints/step-000123.tmp`, then
   `trainer_state.json`, then a rename to `step-000123` (the rename is the commit; a `.tmp` left by a
   crash is deleted on the next start). Keeps the last `keep_checkpoints`. Resume is automatic from
-  the latest complete one. Assumes a filesystem shared by all nodes.
+  the latest complete one. Assumes a filesystem shared by all nodes. `trainer_state.json` records
+  the world size and ZeRO stage; a checkpoint from another world size (more or fewer nodes) resumes
+  through a DeepSpeed universal checkpoint (DDP/single-process states load as they are), see
+  `resume_latest` and docs/multinode.md.
 * Outputs in `work_dir`: `train_log.jsonl` (one line per optimizer step: loss, lr, grad norm,
   tokens), `metrics.jsonl` (one line per evaluation: step, tokens, the eval metrics, elapsed_s since
   the pipeline run started), TensorBoard events under `work_dir/tensorboard` (from the accelerator).
