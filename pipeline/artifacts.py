@@ -33,9 +33,14 @@ def path_fingerprint(path: Path) -> str:
         return manifest["fingerprint"]
     if (manifest := read_manifest(path.parent)) is not None:  # one output of a published stage
         return f"{manifest['fingerprint']}:{path.name}"
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and not _is_cache(p))
     stats = [(str(p.relative_to(path.parent)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     return fingerprint(stats)
+
+
+def _is_cache(path: Path) -> bool:
+    """Files `datasets` writes next to a saved dataset when it is mapped: not part of the data."""
+    return path.name.startswith(("cache-", "tmp")) and path.suffix == ".arrow" or path.name.endswith(".lock")
 
 
 def input_fingerprint(spec, stage_fingerprints: dict[str, str]) -> str:

@@ -151,3 +151,20 @@ def test_missing_dataset_column_names_column_and_dataset(write_recipe, tmp_path)
     assert out.returncode != 0
     assert "missing column(s) text" in out.stderr and "rows.jsonl" in out.stderr
     assert not (tmp_path / "run" / "tokenizer").exists()
+
+
+def test_saved_dataset_input_keeps_its_fingerprint_when_datasets_caches_beside_it(write_recipe, tmp_path):
+    """Mapping a saved dataset writes cache-*.arrow files into its folder; they are not new data."""
+    import datasets
+
+    from pipeline.artifacts import path_fingerprint
+
+    folder = tmp_path / "corpus"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["a b c"] * 50}),
+                          "validation": datasets.Dataset.from_dict({"text": ["d e"] * 5})}).save_to_disk(str(folder))
+    before = path_fingerprint(folder)
+    datasets.load_from_disk(str(folder))["train"].map(lambda r: {"n": len(r["text"])})
+    assert any(p.name.startswith("cache-") for p in folder.rglob("*.arrow"))
+    assert path_fingerprint(folder) == before
+    (folder / "train" / "extra.txt").write_text("new data")
+    assert path_fingerprint(folder) != before
