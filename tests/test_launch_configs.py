@@ -190,7 +190,7 @@ def test_sbatch_runs_every_stage_in_order_and_training_on_all_nodes(tmp_path):
     data["run_dir"] = str(tmp_path / "run")  # nothing done yet
     recipe.write_text(yaml.safe_dump(data))
     out = subprocess.run(["bash", str(SBATCH), str(recipe), "stages.pretrain.max_steps=10"], cwd=ROOT,
-                         env={**fake_slurm(tmp_path), "DRY_RUN": "1"}, capture_output=True, text=True, timeout=120)
+                         env={**fake_slurm(tmp_path), "DRY_RUN": "1"}, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     stages = [line.split()[2] for line in lines if line.startswith("=== stage")]
@@ -213,7 +213,7 @@ def test_sbatch_expands_the_multinode_launch_per_node(tmp_path):
     env = fake_slurm(tmp_path)
     # run the (fake) srun for real: it prints each node's accelerate command with its variables expanded
     out = subprocess.run(["bash", str(SBATCH), str(recipe), "pretrain", "stages.pretrain.max_steps=10"], cwd=ROOT,
-                         env={**env, "SETUP": "/dev/null"}, capture_output=True, text=True, timeout=120)
+                         env={**env, "SETUP": "/dev/null"}, capture_output=True, text=True, timeout=300)
     nodes = [line for line in out.stdout.splitlines() if line.startswith("node ")]
     assert len(nodes) == 2, out.stdout + out.stderr
     for rank, line in enumerate(nodes):
@@ -223,4 +223,4 @@ def test_sbatch_expands_the_multinode_launch_per_node(tmp_path):
         assert "--main_process_ip gpu-node-07 --main_process_port 29500" in line
         assert line.rstrip().endswith(f"-m stages.pretrain {recipe} stages.pretrain.max_steps=10")
     # the stage published nothing (srun was a stand-in): the script says so and fails
-    assert out.returncode != 0 and "published no complete outputs" in out.stderr
+    assert out.returncode != 0 and "published no complete outputs" in out.stderr, out.stdout + out.stderr
