@@ -92,7 +92,7 @@ def _zero_stage(accelerator) -> int | None:
     return int(accelerator.state.deepspeed_plugin.zero_stage)
 
 
-def _prepare_frozen(model: nn.Module, accelerator) -> nn.Module:
+def prepare_frozen(model: nn.Module, accelerator) -> nn.Module:
     """Reference model: eval, no grad; sharded under ZeRO-3 (as TRL's prepare_deepspeed), else replicated."""
     model.eval()
     model.requires_grad_(False)
@@ -163,7 +163,7 @@ class PPOTrainer:
             self.model, self.policy_optimizer, self.value_optimizer = accelerator.prepare(wrapper, policy_optimizer, value_optimizer)
         self.model.eval()
         self.unwrapped: PolicyAndValue = accelerator.unwrap_model(self.model)  # cached: unwrap_model costs ms
-        self.ref_policy = _prepare_frozen(ref_policy, accelerator)
+        self.ref_policy = prepare_frozen(ref_policy, accelerator)
 
         if s.adaptive_kl:
             self.kl_ctl = AdaptiveKLController(s.kl_coef, s.target_kl, s.kl_horizon)

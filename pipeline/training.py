@@ -210,7 +210,7 @@ def resume_latest(accelerator, work_dir: Path) -> TrainerState:
     return state
 
 
-def _truncate_jsonl(path: Path, max_step: int) -> None:
+def truncate_jsonl(path: Path, max_step: int) -> None:
     """Drop lines for steps after `max_step` (written by an attempt that died before its next checkpoint)."""
     if not path.exists():
         return
@@ -218,7 +218,7 @@ def _truncate_jsonl(path: Path, max_step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
-def _append_jsonl(path: Path, row: dict) -> None:
+def append_jsonl(path: Path, row: dict) -> None:
     with path.open("a") as f:
         f.write(json.dumps(row) + "\n")
 
@@ -304,8 +304,8 @@ def train(
     loss_log, metrics_log = work_dir / "train_log.jsonl", work_dir / "metrics.jsonl"
     if accelerator.is_main_process:
         work_dir.mkdir(parents=True, exist_ok=True)
-        _truncate_jsonl(loss_log, start_step)
-        _truncate_jsonl(metrics_log, start_step)
+        truncate_jsonl(loss_log, start_step)
+        truncate_jsonl(metrics_log, start_step)
         if start_step:
             print(f"resumed from checkpoint at step {start_step} (epoch {state.epoch}, offset {state.offset})")
     accelerator.step = 0  # micro-step counter used by accumulate(): our steps always start on a boundary
@@ -320,7 +320,7 @@ def train(
         if record:
             row = {"step": state.step, "tokens": state.tokens, **result, "elapsed_s": round(time.time() - run_start, 3)}
             if accelerator.is_main_process:
-                _append_jsonl(metrics_log, row)
+                append_jsonl(metrics_log, row)
             accelerator.log({f"val/{k}": v for k, v in result.items()}, step=state.step)
         return result
 
@@ -375,7 +375,7 @@ def train(
         tokens_session += tokens
         window_tokens += tokens
         if accelerator.is_main_process:
-            _append_jsonl(loss_log, {"step": state.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+            append_jsonl(loss_log, {"step": state.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
                                      "tokens": state.tokens})
         if on_step is not None:
             on_step(state.step, loss_value)

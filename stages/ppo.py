@@ -95,8 +95,8 @@ def run(ctx: StageContext) -> None:
     from pipeline.models import attn_implementation
     from pipeline.ppo_rollout import reward_model_scores
     from pipeline.ppo_settings import PPOSettings
-    from pipeline.ppo_trainer import PPOTrainer, _prepare_frozen
-    from pipeline.training import (TrainerState, _append_jsonl, _truncate_jsonl, next_global_batch, resume_latest,
+    from pipeline.ppo_trainer import PPOTrainer, prepare_frozen
+    from pipeline.training import (TrainerState, append_jsonl, truncate_jsonl, next_global_batch, resume_latest,
                                    save_checkpoint)
 
     s = ctx.settings
@@ -119,14 +119,14 @@ def run(ctx: StageContext) -> None:
         pad_token_id=tokenizer.pad_token_id, eos_token_id=chat_data.stop_token_ids(tokenizer)),
         PPOSettings(**algo), accelerator, optim(policy.parameters(), s.learning_rate),
         optim(value.parameters(), s.value_learning_rate or s.learning_rate))
-    reward = _prepare_frozen(reward, accelerator)
+    reward = prepare_frozen(reward, accelerator)
     trainer.reward_fn = lambda ids, mask: reward_model_scores(reward, ids, mask)
     accelerator.register_for_checkpointing(trainer)  # KL controller, counters, sampling RNG
 
     state = resume_latest(accelerator, ctx.work_dir)
     log_file = ctx.work_dir / "train_log.jsonl"
     if accelerator.is_main_process:
-        _truncate_jsonl(log_file, state.step)
+        truncate_jsonl(log_file, state.step)
         if state.step:
             log.info("resumed from checkpoint at step %d", state.step)
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -146,7 +146,7 @@ def run(ctx: StageContext) -> None:
             raise StageError(f"non-finite PPO metrics at step {state.step}: {metrics}; the last good checkpoint is kept")
         row = {"step": state.step, **metrics, "elapsed_s": round(time.time() - ctx.run_start, 3)}
         if accelerator.is_main_process:
-            _append_jsonl(log_file, row)
+            append_jsonl(log_file, row)
         if state.step % s.log_every == 0:
             accelerator.log({f"ppo/{k}": v for k, v in metrics.items()}, step=state.step)
             bar.set_postfix(reward=f"{metrics['reward/raw']:.3f}", kl=f"{metrics['kl']:.3f}",
