@@ -8,6 +8,8 @@ from pathlib import Path
 # One thread per process: tests start several processes on 2 cores, and oversubscribed torch threads
 # run many times slower (set before torch is imported; subprocesses inherit it).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Tests never talk to the public hub; huggingface_hub reads this once, at import, whichever test imports it.
+os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
 
 # Before anything imports triton: kernels run under the interpreter when there is no GPU.
 try:

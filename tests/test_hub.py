@@ -39,6 +39,7 @@ def hub_env(tmp_path, monkeypatch):
     import huggingface_hub.constants as c
 
     monkeypatch.setattr(c, "HF_TOKEN_PATH", str(tmp_path / "hf_home" / "token"))  # no stored login leaks in
+    monkeypatch.setattr(c, "HF_HUB_DISABLE_XET", True)  # constants are read at import, maybe by another test
     monkeypatch.setattr(c, "HF_STORED_TOKENS_PATH", str(tmp_path / "hf_home" / "stored_tokens"))
 
 
