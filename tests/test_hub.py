@@ -469,7 +469,7 @@ def test_recipe_push_runs_after_the_stage_and_only_once(hub, tmp_path):
 
     section["push"] = {"repo": f"{USER}/other"}
     recipe.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "stages": {"tokenizer": section}}))
-    out = run_cli("pipeline", "run", str(recipe), env={**env, "HF_TOKEN": "hf_wrongTokenXXXXXXXXXXXXXXXXXXXXXXXX"})
+    out = run_cli("pipeline", "run", str(recipe), env={**env, "HF_TOKEN": "hf_wrong-test-token"})
     assert out.returncode == 1 and "push failed" in out.stderr and "stays done" in out.stderr
-    assert "hf_wrongToken" not in out.stdout + out.stderr
+    assert "hf_wrong-test-token" not in out.stdout + out.stderr
     assert json.loads((tmp_path / "run" / "tokenizer" / "manifest.json").read_text())["complete"] is True
