@@ -116,6 +116,14 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
     return obj
 
 
+def require_at_least(obj: Any, keys: tuple[str, ...], minimum: int = 1) -> None:
+    """Every named integer field is at least `minimum` (the error names the first that is not)."""
+    for key in keys:
+        value = getattr(obj, key)
+        if value is not None and value < minimum:
+            raise ConfigError(f"{key}: must be at least {minimum}, got {value}")
+
+
 def to_dict(obj: Any) -> Any:
     """Plain data for hashing, printing and manifests."""
     if dataclasses.is_dataclass(obj):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, require_at_least
 
 KLEstimator = Literal["k1", "k3"]
 
@@ -43,8 +43,6 @@ class PPOSettings:
             raise ConfigError(f"temperature: must be > 0, got {self.temperature}")
         if self.kl_estimator not in ("k1", "k3"):
             raise ConfigError(f"kl_estimator: must be 'k1' or 'k3', got {self.kl_estimator!r}")
-        for key in ("num_minibatches", "ppo_epochs", "max_new_tokens"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        require_at_least(self, ("num_minibatches", "ppo_epochs", "max_new_tokens"))
         if self.reward_std <= 0:
             raise ConfigError(f"reward_std: must be > 0, got {self.reward_std}")

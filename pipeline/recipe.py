@@ -26,7 +26,7 @@ from typing import Any, ClassVar, Literal
 
 import yaml
 
-from pipeline.config import ConfigError, apply_overrides, from_dict
+from pipeline.config import ConfigError, apply_overrides, from_dict, require_at_least
 from pipeline.corpus import BUILTIN_CORPORA
 from pipeline.hub import PushSettings
 from pipeline.instruction_task import TASK_VERSION
@@ -146,9 +146,8 @@ class InstructionsSettings(StageSettings):
 
     def validate(self) -> None:
         super().validate()
-        for key in ("sft_train", "sft_eval", "preference_train", "preference_eval", "prompts_train", "prompts_eval"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key}: must be at least 1, got {getattr(self, key)}")
+        require_at_least(self, ("sft_train", "sft_eval", "preference_train", "preference_eval", "prompts_train",
+                                "prompts_eval"))
 
 
 @dataclass
@@ -232,9 +231,8 @@ class PPOStageSettings(StageSettings, PPOSettings):
     def validate(self) -> None:
         StageSettings.validate(self)
         PPOSettings.validate(self)
-        for key in ("max_steps", "batch_size", "save_every", "keep_checkpoints", "log_every", "max_prompt_length"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key}: must be at least 1, got {getattr(self, key)}")
+        require_at_least(self, ("max_steps", "batch_size", "save_every", "keep_checkpoints", "log_every",
+                                "max_prompt_length"))
         if self.learning_rate <= 0 or (self.value_learning_rate is not None and self.value_learning_rate <= 0):
             raise ConfigError(f"learning_rate: must be positive, got {self.learning_rate}")
         if self.seed:
@@ -265,9 +263,7 @@ class EvaluateSettings(StageSettings):
 
     def validate(self) -> None:
         super().validate()
-        for key in ("n_prompts", "max_new_tokens", "batch_size", "bpb_batches", "ngram"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key}: must be at least 1, got {getattr(self, key)}")
+        require_at_least(self, ("n_prompts", "max_new_tokens", "batch_size", "bpb_batches", "ngram"))
         if self.temperature < 0 or self.kl_temperature <= 0:
             raise ConfigError("temperature: must be >= 0 (and kl_temperature > 0)")
 

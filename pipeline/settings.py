@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, require_at_least
 
 # name -> (layers, d_model, heads, kv_heads, ffn); small enough names that recipes read well.
 MODEL_SIZES: dict[str, tuple[int, int, int, int, int]] = {
@@ -54,10 +54,8 @@ class ModelSettings:
         if self.size not in MODEL_SIZES:
             raise ConfigError(f"size: unknown model size {self.size!r}; choose one of {', '.join(MODEL_SIZES)}")
         layers, d_model, heads, kv_heads, _ = self.dims()
-        for key in ("n_layers", "d_model", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len", "n_experts", "top_k"):
-            value = getattr(self, key)
-            if value is not None and value <= 0:
-                raise ConfigError(f"{key}: must be positive, got {value}")
+        require_at_least(self, ("n_layers", "d_model", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len", "n_experts",
+                                "top_k"))
         if d_model % heads:
             raise ConfigError(f"d_model: {d_model} is not divisible by n_heads={heads}")
         if heads % kv_heads:
@@ -107,10 +105,8 @@ class TrainSettings:
     # torch.compile the model (GPU)
 
     def validate(self) -> None:
-        for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "eval_every", "eval_batches",
-                    "save_every", "keep_checkpoints", "log_every"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"{key}: must be positive, got {getattr(self, key)}")
+        require_at_least(self, ("max_steps", "micro_batch_size", "grad_accum_steps", "eval_every", "eval_batches",
+                                "save_every", "keep_checkpoints", "log_every"))
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate: must be positive, got {self.learning_rate}")
         if self.warmup_steps < 0:
