@@ -104,6 +104,8 @@ def _evaluation_section(run_dir: Path) -> list[str]:
     lines = ["## Evaluation", "", "| measure | value |", "| --- | --- |"]
     for name, value in m.get("bits_per_byte", {}).items():
         lines.append(f"| validation bits per byte, {name} | {value:.4f} |")
+    if "bits_per_byte_unigram_baseline" in m:
+        lines.append(f"| validation bits per byte, unigram baseline | {m['bits_per_byte_unigram_baseline']:.4f} |")
     for name in ("sft", "ppo"):
         if f"judge_{name}" in m:
             j = m[f"judge_{name}"]
@@ -115,6 +117,12 @@ def _evaluation_section(run_dir: Path) -> list[str]:
             lines.append(f"| {label} | {m[key]:.3f} |")
     for name, value in m.get("reward_model_mean", {}).items():
         lines.append(f"| reward-model mean score, {name} answers | {value:.3f} |")
+    agreement = m.get("reward_model_vs_judge") or {}
+    for kind, label in (("", "all"), ("/constraints_differ", "a constraint differs"),
+                        ("/faithfulness_only", "only the copied content differs")):
+        if agreement.get(f"accuracy{kind}") is not None:
+            lines.append(f"| reward model orders SFT/PPO answers as the judge does, {label} | "
+                         f"{agreement[f'accuracy{kind}']:.3f} ({agreement[f'pairs{kind}' if kind else 'pairs']} pairs) |")
     contamination = m.get("contamination")
     if contamination:
         lines += ["", f"Contamination check ({contamination['ngram']}-gram overlap of the held-out "

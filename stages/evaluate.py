@@ -2,10 +2,12 @@
 
     python -m stages.evaluate recipes/tiny.yaml
 
-* bits per byte of every causal checkpoint (pretrain, sft, ppo) on the packed validation blocks;
+* bits per byte of every causal checkpoint (pretrain, sft, ppo) on the packed validation blocks, and
+  of a unigram model of the training blocks (the baseline a language model must beat);
 * the judge (pipeline/instruction_task.py, the programmatic annotator) on SFT and PPO answers to
   held-out prompts: mean score, pass rate, per-constraint pass rates; PPO-vs-SFT win rate under the
-  judge and under the reward model; the reward model's held-out scores;
+  judge and under the reward model; the reward model's held-out scores, and how often it orders
+  two answers as the judge does (split: a constraint differs / only the copied content differs);
 * KL(PPO || SFT) on PPO's own samples (sum over response tokens, mean over prompts);
 * a contamination check: word n-gram overlap of the evaluation prompts with every training source;
 * sample generations side by side.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 
 import torch
 
@@ -26,6 +29,7 @@ from pipeline.stage import StageContext, stage_main
 
 log = logging.getLogger("pipeline")
 CAUSAL = ("pretrain", "sft", "ppo")
+BPB_BLOCKS_PER_BATCH = 8
 
 
 def load_causal(ctx: StageContext, name: str):
@@ -101,9 +105,49 @@ def bits_per_byte(models: dict, ctx: StageContext) -> dict[str, dict[str, float]
     out = {}
     for name, model in models.items():
         tokenizer = AutoTokenizer.from_pretrained(model_path(ctx.inputs[name]))
-        evaluate = make_lm_evaluator(accelerator, data, collate_blocks, 8, ctx.settings.bpb_batches,
+        evaluate = make_lm_evaluator(accelerator, data, collate_blocks, BPB_BLOCKS_PER_BATCH, ctx.settings.bpb_batches,
                                      token_byte_lengths(tokenizer))
         out[name] = evaluate(model)
+    return out
+
+
+def unigram_bits_per_byte(data, byte_lengths: torch.Tensor, n_blocks: int) -> float:
+    """The floor any language model must beat: token frequencies of the training blocks (add-one
+    smoothed) scored on the first n_blocks validation blocks, with the byte accounting of
+    pipeline.training.make_lm_evaluator (targets of 0 bytes, BOS/EOS, left out)."""
+    import numpy as np
+
+    vocab = len(byte_lengths)
+    counts = np.ones(vocab, dtype=np.float64)
+    for batch in data["train"].with_format("numpy").iter(batch_size=1024):
+        counts += np.bincount(np.asarray(batch["input_ids"])[:, 1:].reshape(-1), minlength=vocab)[:vocab]
+    log_p = np.log(counts / counts.sum())
+    n = min(len(data["validation"]), n_blocks)
+    targets = np.asarray(data["validation"].with_format("numpy")[:n]["input_ids"])[:, 1:].reshape(-1)
+    nbytes = byte_lengths.numpy()[targets]
+    return float(-(log_p[targets] * (nbytes > 0)).sum() / math.log(2) / max(1, nbytes.sum()))
+
+
+def reward_judge_agreement(rows: list[dict], a: list[str], b: list[str], rm_a: list[float], rm_b: list[float],
+                           min_gap: float = 0.1) -> dict:
+    """How often the reward model orders two answers to one prompt as the judge does (pairs whose judge
+    scores differ by more than min_gap), split by what differs: a constraint, or only faithfulness
+    (content copied wrong). A reward model blind to one kind lets PPO drift there unpenalised."""
+    from pipeline.instruction_task import grade
+
+    counts = {"constraints_differ": [0, 0], "faithfulness_only": [0, 0]}
+    for row, x, y, rx, ry in zip(rows, a, b, rm_a, rm_b):
+        gx, gy = grade(row, x), grade(row, y)
+        if abs(gx.score - gy.score) <= min_gap:
+            continue
+        kind = "constraints_differ" if gx.satisfied != gy.satisfied else "faithfulness_only"
+        counts[kind][0] += 1
+        counts[kind][1] += (gx.score > gy.score) == (rx > ry)
+    n = sum(c[0] for c in counts.values())
+    out: dict = {"pairs": n, "accuracy": sum(c[1] for c in counts.values()) / n if n else None}
+    for kind, (k, ok) in counts.items():
+        out[f"pairs/{kind}"] = k
+        out[f"accuracy/{kind}"] = ok / k if k else None
     return out
 
 
@@ -133,7 +177,10 @@ def contamination(ctx: StageContext, rows: list[dict], prompt_data) -> dict:
 
 
 def run(ctx: StageContext) -> None:
+    import datasets
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from pipeline.packing import token_byte_lengths
 
     s = ctx.settings
     prompt_data = load_dataset_input(ctx.inputs["prompts"], seed=ctx.seed)
@@ -146,6 +193,10 @@ def run(ctx: StageContext) -> None:
     models = {name: load_causal(ctx, name) for name in CAUSAL if name in ctx.inputs}
     if "data" in ctx.inputs and models:
         results["bits_per_byte"] = {k: v["val_bpb"] for k, v in bits_per_byte(models, ctx).items()}
+        first = next(iter(models))
+        results["bits_per_byte_unigram_baseline"] = unigram_bits_per_byte(
+            datasets.load_from_disk(str(ctx.inputs["data"].path)),
+            token_byte_lengths(AutoTokenizer.from_pretrained(model_path(ctx.inputs[first]))), BPB_BLOCKS_PER_BATCH * s.bpb_batches)
 
     answers: dict[str, list[str]] = {}
     judged: dict[str, list[float]] = {}
@@ -168,6 +219,8 @@ def run(ctx: StageContext) -> None:
         results["reward_model_mean"] = {name: sum(v) / len(v) for name, v in rm.items()}
         if {"sft", "ppo"} <= set(rm):
             results["win_rate_ppo_vs_sft_reward_model"] = win_rate(rm["ppo"], rm["sft"])
+            results["reward_model_vs_judge"] = reward_judge_agreement(rows, answers["ppo"], answers["sft"],
+                                                                      rm["ppo"], rm["sft"])
     if {"sft", "ppo"} <= set(judged):
         results["win_rate_ppo_vs_sft_judge"] = win_rate(judged["ppo"], judged["sft"])
         tokenizer = AutoTokenizer.from_pretrained(model_path(ctx.inputs["ppo"]))

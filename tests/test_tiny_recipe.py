@@ -43,7 +43,9 @@ def test_default_recipe_end_to_end(tmp_path):
     assert "PPO-vs-SFT win rate (judge)" in report and "Contamination check" in report
     metrics = json.loads((run_dir / "evaluate" / "results" / "metrics.json").read_text())
     assert set(metrics["bits_per_byte"]) == {"pretrain", "sft", "ppo"}
-    assert {"judge_sft", "judge_ppo", "win_rate_ppo_vs_sft_judge", "kl_ppo_to_sft"} <= set(metrics)
+    assert {"judge_sft", "judge_ppo", "win_rate_ppo_vs_sft_judge", "kl_ppo_to_sft", "reward_model_vs_judge"} <= set(metrics)
+    assert metrics["bits_per_byte"]["pretrain"] < metrics["bits_per_byte_unigram_baseline"]  # it learned more than frequencies
+    assert "unigram baseline" in report
 
     start = time.time()
     again = run_cli("pipeline", "run", "recipes/tiny.yaml", f"run_dir={run_dir}", env=env)
