@@ -102,6 +102,17 @@ def test_dotted_overrides_are_typed_and_strict():
         parse({"stages": {"tokenizer": TOKENIZER}}, ["stages.tokenizer.vocab_size"])
 
 
+def test_exponent_floats_that_yaml_reads_as_strings_are_numbers():
+    # PyYAML (YAML 1.1) reads `validation_fraction: 5e-2` as the string '5e-2'; it must still mean 0.05
+    section = {**TOKENIZER, **yaml.safe_load("validation_fraction: 5e-2")}
+    assert section["validation_fraction"] == "5e-2"
+    assert parse({"stages": {"tokenizer": section}}).settings["tokenizer"].validation_fraction == 0.05
+    r = parse({"stages": {"tokenizer": TOKENIZER}}, ["stages.tokenizer.validation_fraction=2.5E-2"])
+    assert r.settings["tokenizer"].validation_fraction == 0.025
+    assert error_of({"stages": {"tokenizer": {**TOKENIZER, "validation_fraction": "2e-4x"}}}) == \
+        "stages.tokenizer.validation_fraction: expected a number, got '2e-4x'"
+
+
 def test_cli_reports_recipe_errors_with_exit_code(tmp_path, write_recipe):
     from conftest import run_cli
 
