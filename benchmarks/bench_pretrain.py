@@ -205,10 +205,11 @@ def report(s: dict, load_before: str, load_after: str) -> str:
 
 
 def reference_step_speed(threads: int | None, steps: int = 30) -> dict:
-    """Training tokens/s, measured in this process under the current load, of (1) a nanoGPT model at its
-    CPU shape (GPT: LayerNorm, GELU MLP 4x, learned positions, tied head; vocab 65, block 64, batch 12)
-    and (2) our model at the same shape (pipeline.models: Llama, vocab 1024), both with AdamW and
-    the same thread count. Compares step speed on one machine at one moment (target c on a busy machine)."""
+    """Training tokens/s, measured in this process under the current load, of a nanoGPT model at its
+    CPU shape (GPT: LayerNorm, GELU MLP 4x, learned positions, tied head; block 64, batch 12) and of
+    our model at the same shape (pipeline.models: Llama), each with nanoGPT's 65-character and our
+    1024-token vocabulary, AdamW, the same thread count. Compares step speed on one machine at one
+    moment (target c), and separates the vocabulary's cost from the architecture's."""
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
