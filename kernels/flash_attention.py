@@ -125,6 +125,41 @@ def _split_range(lo, hi, full_lo, full_hi, LIMIT, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _query_block_key_ranges(QIDS, KVLO, KVHI, b, offs_m, m_valid, pid_m, T, S, OFFSET, WINDOW,
+                            CAUSAL: tl.constexpr, HAS_IDS: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key range of one query block, shared by the forward and dQ kernels: (qid, lo, a, b2, hi) with
+    [lo, a) and [b2, hi) to visit masked and [a, b2) unmasked. With document ids every tile is masked."""
+    if HAS_IDS:
+        qid = tl.load(QIDS + b * T + offs_m, mask=m_valid, other=-3)
+        lo = tl.min(tl.load(KVLO + b * T + offs_m, mask=m_valid, other=2147483647), axis=0)
+        hi = tl.max(tl.load(KVHI + b * T + offs_m, mask=m_valid, other=0), axis=0)
+    else:
+        qid = 0
+        lo = 0
+        hi = S
+        if CAUSAL:
+            hi = tl.minimum(hi, pid_m * BLOCK_M + BLOCK_M + OFFSET)
+        if HAS_WINDOW:
+            lo = tl.maximum(lo, pid_m * BLOCK_M + OFFSET - WINDOW + 1)
+    lo = tl.maximum(lo, 0)
+    lo = (lo // BLOCK_N) * BLOCK_N
+    if HAS_IDS:
+        a = hi
+        b2 = hi
+    else:
+        # key tiles visible to every row of this query block need no masking
+        full_lo = 0
+        full_hi = S
+        if CAUSAL:
+            full_hi = pid_m * BLOCK_M + OFFSET + 1
+        if HAS_WINDOW:
+            full_lo = pid_m * BLOCK_M + BLOCK_M + OFFSET - WINDOW
+        a, b2 = _split_range(lo, hi, full_lo, full_hi, S, BLOCK_N)
+    return qid, lo, a, b2, hi
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, O, LSE,
     QIDS, KIDS, KVLO, KVHI,
@@ -169,51 +204,25 @@ def _attn_fwd_kernel(
     if UPCAST:
         q = tl.cast(q, acc_t)
 
-    if HAS_IDS:
-        qid = tl.load(QIDS + b * T + offs_m, mask=m_valid, other=-3)
-        lo = tl.min(tl.load(KVLO + b * T + offs_m, mask=m_valid, other=2147483647), axis=0)
-        hi = tl.max(tl.load(KVHI + b * T + offs_m, mask=m_valid, other=0), axis=0)
-    else:
-        lo = 0
-        hi = S
-        if CAUSAL:
-            hi = tl.minimum(hi, pid_m * BLOCK_M + BLOCK_M + OFFSET)
-        if HAS_WINDOW:
-            lo = tl.maximum(lo, pid_m * BLOCK_M + OFFSET - WINDOW + 1)
-    lo = tl.maximum(lo, 0)
-    lo = (lo // BLOCK_N) * BLOCK_N
+    qid, lo, a, b2, hi = _query_block_key_ranges(QIDS, KVLO, KVHI, b, offs_m, m_valid, pid_m, T, S, OFFSET, WINDOW,
+                                                 CAUSAL, HAS_IDS, HAS_WINDOW, BLOCK_M, BLOCK_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=acc_t)
     l_i = tl.zeros([BLOCK_M], dtype=acc_t)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=acc_t)
     KIDS_b = KIDS + b * S
-    if HAS_IDS:
-        acc, l_i, m_i = _fwd_tiles(
-            acc, l_i, m_i, q, k_base, v_base, offs_m, offs_n0, offs_d, d_valid, qid, KIDS_b,
-            stride_kt, stride_vt, S, OFFSET, WINDOW, qk_scale, lo, hi,
-            True, CAUSAL, HAS_IDS, HAS_WINDOW, UPCAST, DOT_PRECISION, BLOCK_N)
-    else:
-        qid = 0
-        # key tiles visible to every row of this query block need no masking
-        full_lo = 0
-        full_hi = S
-        if CAUSAL:
-            full_hi = pid_m * BLOCK_M + OFFSET + 1
-        if HAS_WINDOW:
-            full_lo = pid_m * BLOCK_M + BLOCK_M + OFFSET - WINDOW
-        a, b2 = _split_range(lo, hi, full_lo, full_hi, S, BLOCK_N)
-        acc, l_i, m_i = _fwd_tiles(
-            acc, l_i, m_i, q, k_base, v_base, offs_m, offs_n0, offs_d, d_valid, qid, KIDS_b,
-            stride_kt, stride_vt, S, OFFSET, WINDOW, qk_scale, lo, a,
-            True, CAUSAL, HAS_IDS, HAS_WINDOW, UPCAST, DOT_PRECISION, BLOCK_N)
-        acc, l_i, m_i = _fwd_tiles(
-            acc, l_i, m_i, q, k_base, v_base, offs_m, offs_n0, offs_d, d_valid, qid, KIDS_b,
-            stride_kt, stride_vt, S, OFFSET, WINDOW, qk_scale, a, b2,
-            False, CAUSAL, HAS_IDS, HAS_WINDOW, UPCAST, DOT_PRECISION, BLOCK_N)
-        acc, l_i, m_i = _fwd_tiles(
-            acc, l_i, m_i, q, k_base, v_base, offs_m, offs_n0, offs_d, d_valid, qid, KIDS_b,
-            stride_kt, stride_vt, S, OFFSET, WINDOW, qk_scale, b2, hi,
-            True, CAUSAL, HAS_IDS, HAS_WINDOW, UPCAST, DOT_PRECISION, BLOCK_N)
+    acc, l_i, m_i = _fwd_tiles(
+        acc, l_i, m_i, q, k_base, v_base, offs_m, offs_n0, offs_d, d_valid, qid, KIDS_b,
+        stride_kt, stride_vt, S, OFFSET, WINDOW, qk_scale, lo, a,
+        True, CAUSAL, HAS_IDS, HAS_WINDOW, UPCAST, DOT_PRECISION, BLOCK_N)
+    acc, l_i, m_i = _fwd_tiles(
+        acc, l_i, m_i, q, k_base, v_base, offs_m, offs_n0, offs_d, d_valid, qid, KIDS_b,
+        stride_kt, stride_vt, S, OFFSET, WINDOW, qk_scale, a, b2,
+        False, CAUSAL, HAS_IDS, HAS_WINDOW, UPCAST, DOT_PRECISION, BLOCK_N)
+    acc, l_i, m_i = _fwd_tiles(
+        acc, l_i, m_i, q, k_base, v_base, offs_m, offs_n0, offs_d, d_valid, qid, KIDS_b,
+        stride_kt, stride_vt, S, OFFSET, WINDOW, qk_scale, b2, hi,
+        True, CAUSAL, HAS_IDS, HAS_WINDOW, UPCAST, DOT_PRECISION, BLOCK_N)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -484,46 +493,22 @@ def _attn_bwd_dq_kernel(
     lse = tl.load(LSE + pid_bh * T + offs_m, mask=m_valid, other=0.0)
     delta = tl.load(DELTA + pid_bh * T + offs_m, mask=m_valid, other=0.0)
 
-    if HAS_IDS:
-        qid = tl.load(QIDS + b * T + offs_m, mask=m_valid, other=-3)
-        lo = tl.min(tl.load(KVLO + b * T + offs_m, mask=m_valid, other=2147483647), axis=0)
-        hi = tl.max(tl.load(KVHI + b * T + offs_m, mask=m_valid, other=0), axis=0)
-    else:
-        lo = 0
-        hi = S
-        if CAUSAL:
-            hi = tl.minimum(hi, pid_m * BLOCK_M + BLOCK_M + OFFSET)
-        if HAS_WINDOW:
-            lo = tl.maximum(lo, pid_m * BLOCK_M + OFFSET - WINDOW + 1)
-    lo = tl.maximum(lo, 0)
-    lo = (lo // BLOCK_N) * BLOCK_N
+    qid, lo, a, b2, hi = _query_block_key_ranges(QIDS, KVLO, KVHI, b, offs_m, m_valid, pid_m, T, S, OFFSET, WINDOW,
+                                                 CAUSAL, HAS_IDS, HAS_WINDOW, BLOCK_M, BLOCK_N)
 
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_vb + kvh * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=acc_t)
     KIDS_b = KIDS + b * S
-    if HAS_IDS:
-        dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, offs_m, offs_n0, offs_d, d_valid, m_valid, qid,
-                       KIDS_b, stride_kt, stride_vt, S, OFFSET, WINDOW, qk_scale, lo, hi,
-                       True, CAUSAL, HAS_IDS, HAS_WINDOW, UPCAST, DOT_PRECISION, BLOCK_N)
-    else:
-        qid = 0
-        full_lo = 0
-        full_hi = S
-        if CAUSAL:
-            full_hi = pid_m * BLOCK_M + OFFSET + 1
-        if HAS_WINDOW:
-            full_lo = pid_m * BLOCK_M + BLOCK_M + OFFSET - WINDOW
-        a, b2 = _split_range(lo, hi, full_lo, full_hi, S, BLOCK_N)
-        dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, offs_m, offs_n0, offs_d, d_valid, m_valid, qid,
-                       KIDS_b, stride_kt, stride_vt, S, OFFSET, WINDOW, qk_scale, lo, a,
-                       True, CAUSAL, HAS_IDS, HAS_WINDOW, UPCAST, DOT_PRECISION, BLOCK_N)
-        dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, offs_m, offs_n0, offs_d, d_valid, m_valid, qid,
-                       KIDS_b, stride_kt, stride_vt, S, OFFSET, WINDOW, qk_scale, a, b2,
-                       False, CAUSAL, HAS_IDS, HAS_WINDOW, UPCAST, DOT_PRECISION, BLOCK_N)
-        dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, offs_m, offs_n0, offs_d, d_valid, m_valid, qid,
-                       KIDS_b, stride_kt, stride_vt, S, OFFSET, WINDOW, qk_scale, b2, hi,
-                       True, CAUSAL, HAS_IDS, HAS_WINDOW, UPCAST, DOT_PRECISION, BLOCK_N)
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, offs_m, offs_n0, offs_d, d_valid, m_valid, qid,
+                   KIDS_b, stride_kt, stride_vt, S, OFFSET, WINDOW, qk_scale, lo, a,
+                   True, CAUSAL, HAS_IDS, HAS_WINDOW, UPCAST, DOT_PRECISION, BLOCK_N)
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, offs_m, offs_n0, offs_d, d_valid, m_valid, qid,
+                   KIDS_b, stride_kt, stride_vt, S, OFFSET, WINDOW, qk_scale, a, b2,
+                   False, CAUSAL, HAS_IDS, HAS_WINDOW, UPCAST, DOT_PRECISION, BLOCK_N)
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, offs_m, offs_n0, offs_d, d_valid, m_valid, qid,
+                   KIDS_b, stride_kt, stride_vt, S, OFFSET, WINDOW, qk_scale, b2, hi,
+                   True, CAUSAL, HAS_IDS, HAS_WINDOW, UPCAST, DOT_PRECISION, BLOCK_N)
 
     dq = dq * sm_scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
