@@ -61,7 +61,9 @@ def build_model_config(model: ModelSettings, vocab_size: int, bos_id: int | None
         decoder_sparse_step=1,
         mlp_only_layers=[],
         router_aux_loss_coef=model.aux_loss_coef,
-        output_router_logits=True,
+        # off in the saved config: on, every forward (KV-cached decoding included, where the mask is longer
+        # than the new tokens) computes the load-balancing loss and fails; causal_lm_loss asks for the logits
+        output_router_logits=False,
         use_sliding_window=False,
         **common,
     )

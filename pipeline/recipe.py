@@ -398,12 +398,43 @@ def _check_across_stages(recipe: Recipe) -> None:
                           f"model.max_seq_len={recipe.model.max_seq_len}")
 
 
+def _read_yaml(path: Path, key: str) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"{key}: recipe {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe {path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {path}: expected a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """`over` on top of `base`: mappings merge key by key, anything else (lists included) replaces."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_recipe_data(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """A recipe file's mapping with its `base:` chain applied: `base: tiny.yaml` (relative to the file)
+    starts from that recipe and changes only what this file sets, so variants stay a few lines long."""
+    path = Path(path).resolve()
+    if path in _chain:
+        raise ConfigError(f"base: {path.name} makes a cycle ({' -> '.join(p.name for p in (*_chain, path))})")
+    data = _read_yaml(path, "base" if _chain else "recipe")
+    spec = data.pop("base", None)
+    if spec is None:
+        return data
+    if not isinstance(spec, str):
+        raise ConfigError(f"base: expected a recipe file name, got {spec!r} (in {path})")
+    return _merge(read_recipe_data(path.parent / spec, (*_chain, path)), data)
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"recipe {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"recipe {path}: not valid YAML: {e}") from None
-    return parse_recipe(data or {}, path.resolve(), overrides)
+    return parse_recipe(read_recipe_data(path), path.resolve(), overrides)

@@ -125,3 +125,31 @@ def test_cli_reports_recipe_errors_with_exit_code(tmp_path, write_recipe):
     out = run_cli("pipeline", "plan", str(tmp_path / "missing.yaml"))
     assert out.returncode == 2 and "missing.yaml does not exist" in out.stderr
     assert yaml.safe_load(path.read_text())["stages"]["tokenizer"]["max_stepz"] == 3
+
+
+def test_base_recipe_is_merged_and_the_variant_wins(tmp_path):
+    base = {"run_dir": "runs/a", "seed": 3, "model": {"family": "dense", "size": "nano"},
+            "stages": {"tokenizer": TOKENIZER}}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    (tmp_path / "moe.yaml").write_text(yaml.safe_dump({"base": "base.yaml", "run_dir": "runs/b",
+                                                       "model": {"family": "moe"}}))
+    r = load_recipe(tmp_path / "moe.yaml")
+    assert r.model.family == "moe" and r.model.size == "nano" and r.seed == 3  # mappings merge key by key
+    assert r.run_path.name == "b" and r.settings["tokenizer"].vocab_size == 512
+
+
+def test_shipped_moe_variant_differs_from_tiny_only_in_model_and_run_dir(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    tiny, moe = load_recipe(ROOT / "recipes/tiny.yaml"), load_recipe(ROOT / "recipes/tiny-moe.yaml")
+    assert moe.model.family == "moe" and tiny.model.family == "dense" and moe.run_path != tiny.run_path
+    assert moe.settings == tiny.settings
+
+
+def test_missing_or_cyclic_base_names_the_key(tmp_path):
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump({"base": "nowhere.yaml", "run_dir": "x"}))
+    with pytest.raises(ConfigError, match=r"^base: recipe .*nowhere.yaml does not exist"):
+        load_recipe(tmp_path / "a.yaml")
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump({"base": "c.yaml"}))
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"base": "b.yaml"}))
+    with pytest.raises(ConfigError, match=r"^base: b.yaml makes a cycle \(b.yaml -> c.yaml -> b.yaml\)"):
+        load_recipe(tmp_path / "b.yaml")
