@@ -122,7 +122,7 @@ def _evaluation_section(run_dir: Path) -> list[str]:
                         ("/faithfulness_only", "only the copied content differs")):
         if agreement.get(f"accuracy{kind}") is not None:
             lines.append(f"| reward model orders SFT/PPO answers as the judge does, {label} | "
-                         f"{agreement[f'accuracy{kind}']:.3f} ({agreement[f'pairs{kind}' if kind else 'pairs']} pairs) |")
+                         f"{agreement[f'accuracy{kind}']:.3f} ({agreement[f'pairs{kind}']} pairs) |")
     contamination = m.get("contamination")
     if contamination:
         lines += ["", f"Contamination check ({contamination['ngram']}-gram overlap of the held-out "

@@ -92,7 +92,8 @@ def kl_to_reference(policy, reference, tokenizer, prompts: list[str], s, seed: i
     return float(masked_mean(per_response, torch.ones_like(per_response)))
 
 
-def bits_per_byte(models: dict, ctx: StageContext) -> dict[str, dict[str, float]]:
+def bits_per_byte(models: dict, ctx: StageContext) -> dict[str, float]:
+    """Validation bits per byte of each causal checkpoint, and of the unigram baseline (same blocks, same bytes)."""
     import datasets
 
     from pipeline.distributed import make_accelerator
@@ -100,14 +101,16 @@ def bits_per_byte(models: dict, ctx: StageContext) -> dict[str, dict[str, float]
     from pipeline.training import make_lm_evaluator
     from transformers import AutoTokenizer
 
-    data = datasets.load_from_disk(str(ctx.inputs["data"].path))["validation"].with_format("numpy")
+    data = datasets.load_from_disk(str(ctx.inputs["data"].path))
+    validation = data["validation"].with_format("numpy")
     accelerator = make_accelerator(1, None)
     out = {}
     for name, model in models.items():
-        tokenizer = AutoTokenizer.from_pretrained(model_path(ctx.inputs[name]))
-        evaluate = make_lm_evaluator(accelerator, data, collate_blocks, BPB_BLOCKS_PER_BATCH, ctx.settings.bpb_batches,
-                                     token_byte_lengths(tokenizer))
-        out[name] = evaluate(model)
+        lengths = token_byte_lengths(AutoTokenizer.from_pretrained(model_path(ctx.inputs[name])))
+        evaluate = make_lm_evaluator(accelerator, validation, collate_blocks, BPB_BLOCKS_PER_BATCH,
+                                     ctx.settings.bpb_batches, lengths)
+        out[name] = evaluate(model)["val_bpb"]
+    out["unigram_baseline"] = unigram_bits_per_byte(data, lengths, BPB_BLOCKS_PER_BATCH * ctx.settings.bpb_batches)
     return out
 
 
@@ -177,10 +180,7 @@ def contamination(ctx: StageContext, rows: list[dict], prompt_data) -> dict:
 
 
 def run(ctx: StageContext) -> None:
-    import datasets
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from pipeline.packing import token_byte_lengths
 
     s = ctx.settings
     prompt_data = load_dataset_input(ctx.inputs["prompts"], seed=ctx.seed)
@@ -192,11 +192,8 @@ def run(ctx: StageContext) -> None:
 
     models = {name: load_causal(ctx, name) for name in CAUSAL if name in ctx.inputs}
     if "data" in ctx.inputs and models:
-        results["bits_per_byte"] = {k: v["val_bpb"] for k, v in bits_per_byte(models, ctx).items()}
-        first = next(iter(models))
-        results["bits_per_byte_unigram_baseline"] = unigram_bits_per_byte(
-            datasets.load_from_disk(str(ctx.inputs["data"].path)),
-            token_byte_lengths(AutoTokenizer.from_pretrained(model_path(ctx.inputs[first]))), BPB_BLOCKS_PER_BATCH * s.bpb_batches)
+        results["bits_per_byte"] = bits_per_byte(models, ctx)
+        results["bits_per_byte_unigram_baseline"] = results["bits_per_byte"].pop("unigram_baseline")
 
     answers: dict[str, list[str]] = {}
     judged: dict[str, list[float]] = {}
