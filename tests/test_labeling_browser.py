@@ -140,6 +140,7 @@ def test_label_reload_resume_export_and_train_reward(base_model, tmp_path):
             expect(page.locator("#all-bad")).to_be_checked()
             expect(page.locator("#correction")).to_have_value("kilo lima")
             page.keyboard.press("p")
+            expect(page.locator("#position")).to_have_text("prompt 1 of 4")  # prompt 2 is saved too: wait for 1
             expect(page.locator("#saved-badge")).to_be_visible()
             assert order(page) == [0, 1, 2, 3]
             expect(page.locator('li[data-response="3"] .rank')).to_have_text("#3 (tie)")
