@@ -68,6 +68,9 @@ class StageSettings:
     ACCELERATED: ClassVar[bool] = False  # launched with `accelerate launch` (else plain python)
     USES_MODEL: ClassVar[bool] = False  # the recipe's `model` section is part of its fingerprint
     VERSION: ClassVar[str] = "1"  # bump when the stage's outputs change for the same settings
+    # what the stage imports inside `run`: the runner imports it once and forks (pipeline/stage_process.py)
+    IMPORTS: ClassVar[tuple[str, ...]] = ("datasets", "transformers", "accelerate", "deepspeed",
+                                          "torch.utils.tensorboard", "pipeline.training", "pipeline.models")
 
     def validate(self) -> None:
         for name in self.inputs:
@@ -90,6 +93,7 @@ class TokenizerSettings(StageSettings):
     INPUTS: ClassVar = {"corpus": "text"}
     DEFAULT_INPUTS: ClassVar = {"corpus": "builtin:stdlib"}
     OUTPUTS: ClassVar = ("tokenizer",)
+    IMPORTS: ClassVar = ("datasets", "transformers")
 
     def validate(self) -> None:
         super().validate()
@@ -110,6 +114,7 @@ class PrepareSettings(StageSettings):
     INPUTS: ClassVar = {"corpus": "text", "tokenizer": "tokenizer"}
     DEFAULT_INPUTS: ClassVar = {"corpus": "builtin:stdlib"}
     OUTPUTS: ClassVar = ("dataset",)
+    IMPORTS: ClassVar = ("datasets", "transformers")
 
     def validate(self) -> None:
         super().validate()
@@ -142,6 +147,7 @@ class InstructionsSettings(StageSettings):
     prompts_eval: int = 200
 
     OUTPUTS: ClassVar = ("sft", "preferences", "prompts")
+    IMPORTS: ClassVar = ("datasets",)
     VERSION: ClassVar = f"1-task{TASK_VERSION}"  # the task's sentences, templates and judge
 
     def validate(self) -> None:

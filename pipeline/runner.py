@@ -1,4 +1,4 @@
-"""Plan and run a recipe: stages in dependency order, each in its own process.
+"""Plan and run a recipe: stages in dependency order, each in its own process (pipeline/stage_process.py).
 
 A stage whose published manifest carries the fingerprint the recipe expects is skipped; a stage whose
 settings or inputs changed re-runs, and so does everything downstream (their input fingerprints change).
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from pipeline import artifacts
 from pipeline.config import ConfigError
 from pipeline.recipe import Recipe
 from pipeline.stage import RUN_START_ENV
+from pipeline.stage_process import run_stage
 
 
 @dataclass
@@ -87,15 +87,6 @@ def format_plan(recipe: Recipe, stages: list[PlannedStage]) -> str:
     return "\n".join(lines)
 
 
-def _executable(cmd: list[str]) -> list[str]:
-    """Run `python`/`accelerate` from this interpreter's environment, whatever PATH says."""
-    if cmd[0] == "python":
-        return [sys.executable, *cmd[1:]]
-    if cmd[0] == "accelerate":
-        return [sys.executable, "-m", "accelerate.commands.launch", *cmd[2:]]
-    return cmd
-
-
 def launch_env(recipe: Recipe, stage: PlannedStage, run_start: float) -> dict[str, str]:
     from pipeline.distributed import launch_env as distributed_env
 
@@ -126,7 +117,7 @@ def run(recipe: Recipe, only: list[str] | None = None, force: list[str] | None =
             continue
         print(f"[pipeline] {s.name}: {s.reason}; running\n[pipeline] $ {shlex.join(s.command)}", flush=True)
         start = time.time()
-        code = subprocess.call(_executable(s.command), env=launch_env(recipe, s, run_start))
+        code = run_stage(s.command, s.name, launch_env(recipe, s, run_start), recipe.settings[s.name].IMPORTS)
         if code != 0:
             print(f"error: stage {s.name} failed (exit code {code}); outputs of finished stages are kept, "
                   f"its work folder {recipe.run_path / '.work' / s.name} too (a re-run resumes)", file=sys.stderr)

@@ -1,7 +1,7 @@
 """The runner: plan, skip what is done, re-run what changed and its downstream, never trust half-written output."""
 
 import json
-
+import os
 import signal
 import subprocess
 import sys
@@ -168,3 +168,36 @@ def test_saved_dataset_input_keeps_its_fingerprint_when_datasets_caches_beside_i
     assert path_fingerprint(folder) == before
     (folder / "train" / "extra.txt").write_text("new data")
     assert path_fingerprint(folder) != before
+
+
+def test_forked_stages_match_fresh_processes(recipe, tmp_path):
+    """Stages forked from a runner that already imported the libraries produce what fresh processes do."""
+    import datasets
+
+    path = recipe()
+    forked = run_cli("pipeline", "run", str(path), f"run_dir={tmp_path / 'forked'}")
+    fresh = run_cli("pipeline", "run", str(path), f"run_dir={tmp_path / 'fresh'}", env={"PIPELINE_FORK_STAGES": "0"})
+    assert forked.returncode == 0 and fresh.returncode == 0, forked.stderr + fresh.stderr
+    assert forked.stdout.count("forked from the runner, pid") == 2 and "forked from" not in fresh.stdout
+    for stage in ("tokenizer", "prepare"):
+        a, b = (json.loads((tmp_path / run / stage / "manifest.json").read_text()) for run in ("forked", "fresh"))
+        untimed = [{k: v for k, v in m["metrics"].items() if "second" not in k} for m in (a, b)]
+        assert a["fingerprint"] == b["fingerprint"] and untimed[0] == untimed[1], stage
+    tok = "tokenizer/tokenizer/tokenizer.json"
+    assert (tmp_path / "forked" / tok).read_bytes() == (tmp_path / "fresh" / tok).read_bytes()
+    a, b = (datasets.load_from_disk(str(tmp_path / run / "prepare" / "dataset")) for run in ("forked", "fresh"))
+    for split in ("train", "validation"):
+        assert a[split].to_dict() == b[split].to_dict(), split
+
+
+def test_killed_forked_stage_fails_the_run_and_is_not_done(recipe, tmp_path):
+    path = recipe()
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(path)], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout:
+        if "tokenizer: forked from the runner, pid" in line:
+            os.kill(int(line.split("pid")[1]), signal.SIGKILL)
+            break
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "stage tokenizer failed (exit code -9)" in err, err[-2000:]
+    assert plan_status(path) == {"tokenizer": "run", "prepare": "run"}
