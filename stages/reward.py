@@ -122,6 +122,7 @@ def load_groups(ctx: StageContext):
 
 
 def run(ctx: StageContext) -> None:
+    from accelerate.utils import set_seed
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     from pipeline.distributed import describe, finish, make_accelerator
@@ -142,6 +143,7 @@ def run(ctx: StageContext) -> None:
     config.num_labels = 1  # from_config/from_pretrained(num_labels=1) alone raises in transformers 5
     config.pad_token_id = tokenizer.pad_token_id
     config.use_cache = False
+    set_seed(ctx.seed)  # the new score head is drawn from the global generator
     model = AutoModelForSequenceClassification.from_pretrained(
         source, config=config, dtype=torch.float32, attn_implementation=attn_implementation(ctx.recipe.model.attention))
     pad = tokenizer.pad_token_id

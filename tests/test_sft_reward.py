@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -153,6 +154,12 @@ def test_reward_stage_reaches_high_held_out_accuracy(base_model, tmp_path):
     assert metrics["format"] == "pairs" and metrics["final_val_accuracy"] >= 0.9
     stats = json.loads((stage / "model" / "reward_stats.json").read_text())
     assert stats["std"] > 0 and stats["mean"] == metrics["final_reward_mean"]
+    # the same recipe again from scratch: the same model, new score head included
+    first = (stage / "model" / "model.safetensors").read_bytes()
+    shutil.rmtree(tmp_path / "run" / ".work" / "reward")
+    again = run_cli("pipeline", "run", str(recipe), "--force", "reward", env=ONE_THREAD)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (stage / "model" / "model.safetensors").read_bytes() == first
 
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
