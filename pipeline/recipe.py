@@ -69,8 +69,10 @@ class StageSettings:
     USES_MODEL: ClassVar[bool] = False  # the recipe's `model` section is part of its fingerprint
     VERSION: ClassVar[str] = "1"  # bump when the stage's outputs change for the same settings
     # what the stage imports inside `run`: the runner imports it once and forks (pipeline/stage_process.py)
-    IMPORTS: ClassVar[tuple[str, ...]] = ("datasets", "transformers", "accelerate", "deepspeed",
-                                          "torch.utils.tensorboard", "pipeline.training", "pipeline.models")
+    IMPORTS: ClassVar[tuple[str, ...]] = (
+        "datasets", "transformers", "transformers.modeling_utils", "transformers.models.llama.modeling_llama",
+        "transformers.models.qwen3_moe.modeling_qwen3_moe", "accelerate", "deepspeed", "torch.utils.tensorboard",
+        "pipeline.training", "pipeline.models")
 
     def validate(self) -> None:
         for name in self.inputs:
