@@ -111,13 +111,16 @@ def run(recipe: Recipe, only: list[str] | None = None, force: list[str] | None =
                       file=sys.stderr)
                 return 2
     recipe.run_path.mkdir(parents=True, exist_ok=True)
-    for s in stages:
+    for i, s in enumerate(stages):
         if s.status != "run":
             print(f"[pipeline] {s.name}: {s.reason}, skipped", flush=True)
             continue
         print(f"[pipeline] {s.name}: {s.reason}; running\n[pipeline] $ {shlex.join(s.command)}", flush=True)
         start = time.time()
-        code = run_stage(s.command, s.name, launch_env(recipe, s, run_start), recipe.settings[s.name].IMPORTS)
+        later = [m for t in stages[i + 1:] if t.status == "run" and t.command[0] == "python"
+                 for m in recipe.settings[t.name].IMPORTS]
+        code = run_stage(s.command, s.name, launch_env(recipe, s, run_start), recipe.settings[s.name].IMPORTS,
+                         upcoming=tuple(dict.fromkeys(later)))
         if code != 0:
             print(f"error: stage {s.name} failed (exit code {code}); outputs of finished stages are kept, "
                   f"its work folder {recipe.run_path / '.work' / s.name} too (a re-run resumes)", file=sys.stderr)

@@ -23,6 +23,7 @@ import sys
 import threading
 import traceback
 from pathlib import Path
+from typing import Callable
 
 ACCELERATOR_DEVICES = ("/dev/nvidiactl", "/dev/kfd", "/dev/accel")  # NVIDIA, AMD ROCm, other accelerators
 
@@ -33,27 +34,35 @@ def can_fork() -> bool:
     return not any(Path(p).exists() for p in ACCELERATOR_DEVICES)
 
 
-def preload(modules: tuple[str, ...], env: dict[str, str]) -> None:
+def preload(modules: tuple[str, ...], env: dict[str, str], stop: Callable[[], bool] = lambda: False) -> None:
     """Import `modules` in this process, under the stage's environment (OpenMP and DeepSpeed read
-    theirs at import); this process's own environment is left as it was."""
+    theirs at import), until `stop()` says so; this process's own environment is left as it was.
+    Best effort: a module that fails to import here fails in the stage, which reports it."""
     saved = dict(os.environ)
     os.environ.update(env)
     try:
         for name in modules:
-            importlib.import_module(name)
+            if stop():
+                break
+            try:
+                importlib.import_module(name)
+            except Exception:
+                pass
     finally:
         os.environ.clear()
         os.environ.update(saved)
 
 
-def run_stage(command: list[str], stage: str, env: dict[str, str], imports: tuple[str, ...] = ()) -> int:
+def run_stage(command: list[str], stage: str, env: dict[str, str], imports: tuple[str, ...] = (),
+              upcoming: tuple[str, ...] = ()) -> int:
     """Run a stage's command; returns its exit code (negative: killed by that signal), as
     `subprocess.call` does. `command` is the one the plan shows (`python -m stages.X RECIPE ...`);
-    `imports` are the modules the stage imports inside `run` (its settings' IMPORTS)."""
+    `imports` are the modules the stage imports inside `run` (its settings' IMPORTS); `upcoming` those
+    of the stages after it, imported while this one runs (the import overlaps the stage's work)."""
     if command[0] == "python" and command[1:3] == ["-m", f"stages.{stage}"] and can_fork():
         preload(("torch", *imports, f"stages.{stage}"), env)
         if threading.active_count() == 1:
-            return _fork(stage, command[3:], env)
+            return _fork(stage, command[3:], env, upcoming)
     if command[0] == "python":
         return subprocess.call([sys.executable, *command[1:]], env=env)
     if command[0] == "accelerate":  # this interpreter's accelerate, whatever PATH says
@@ -61,14 +70,23 @@ def run_stage(command: list[str], stage: str, env: dict[str, str], imports: tupl
     return subprocess.call(command, env=env)
 
 
-def _fork(stage: str, argv: list[str], env: dict[str, str]) -> int:
+def _fork(stage: str, argv: list[str], env: dict[str, str], upcoming: tuple[str, ...]) -> int:
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     pid = os.fork()
     if pid == 0:  # the child: never returns into the runner
         os._exit(_child(stage, argv, env))
     print(f"[pipeline] {stage}: forked from the runner, pid {pid}", flush=True)
-    _, status = os.waitpid(pid, 0)
+    ended: list[int] = []
+
+    def child_ended() -> bool:  # stop importing ahead once the stage is done: the next one waits on us
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            ended.append(status)
+        return bool(done)
+
+    preload(upcoming, env, stop=child_ended)
+    status = ended[0] if ended else os.waitpid(pid, 0)[1]
     return os.waitstatus_to_exitcode(status)
 
 
