@@ -124,6 +124,21 @@ class PrepareSettings(StageSettings):
             raise ConfigError(f"block_size: must be at least 2, got {self.block_size}")
 
 
+def validate_training_stage(stage: StageSettings | TrainSettings) -> None:
+    """A training stage's own fields, plus what its launch config rules out."""
+    StageSettings.validate(stage)
+    TrainSettings.validate(stage)
+    config = stage.launch.config_file
+    if stage.optimizer == "muon" and config is not None:
+        try:
+            distributed_type = (yaml.safe_load(Path(config).read_text()) or {}).get("distributed_type")
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"launch.config_file: cannot read {config}: {e}") from None
+        if str(distributed_type).upper() == "DEEPSPEED":
+            raise ConfigError(f"optimizer: muon needs whole weight matrices, which DeepSpeed ZeRO ({config}) "
+                              f"flattens and partitions; use adamw with DeepSpeed, or a DDP config")
+
+
 @dataclass
 class PretrainSettings(StageSettings, TrainSettings):
     INPUTS: ClassVar = {"data": "dataset", "tokenizer": "tokenizer"}
@@ -132,8 +147,7 @@ class PretrainSettings(StageSettings, TrainSettings):
     USES_MODEL: ClassVar = True
 
     def validate(self) -> None:
-        StageSettings.validate(self)
-        TrainSettings.validate(self)
+        validate_training_stage(self)
 
 
 @dataclass
@@ -170,8 +184,7 @@ class ChatTrainSettings(StageSettings, TrainSettings):
     ACCELERATED: ClassVar = True
 
     def validate(self) -> None:
-        StageSettings.validate(self)
-        TrainSettings.validate(self)
+        validate_training_stage(self)
         if self.max_length < 8:
             raise ConfigError(f"max_length: must be at least 8, got {self.max_length}")
 

@@ -83,6 +83,10 @@ class TrainSettings:
     # sequences per process per forward
     grad_accum_steps: int = 1
     learning_rate: float = 3e-4
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    # muon: torch's Muon for hidden weight matrices (update RMS matched to AdamW, same lr and
+    # schedule), AdamW for embeddings, head, norms; not with DeepSpeed (ZeRO flattens the matrices)
+    muon_momentum: float = 0.95
     min_lr_ratio: float = 0.1
     # the schedule decays to learning_rate * min_lr_ratio
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
@@ -109,6 +113,8 @@ class TrainSettings:
                                 "save_every", "keep_checkpoints", "log_every"))
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate: must be positive, got {self.learning_rate}")
+        if not 0 <= self.muon_momentum < 1:
+            raise ConfigError(f"muon_momentum: must be in [0, 1), got {self.muon_momentum}")
         if self.warmup_steps < 0:
             raise ConfigError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
         if not 0 <= self.min_lr_ratio <= 1:

@@ -3,7 +3,8 @@
 Stages own only what is theirs: the model, the data and a `loss_fn(model, batch) -> (loss, aux)`
 (pretraining: `pipeline.models.causal_lm_loss`). Everything else lives here:
 
-* AdamW; weight decay only on matrices (biases, norms and embeddings are not decayed).
+* AdamW (or Muon for hidden matrices, `optimizer: muon`); weight decay only on matrices (biases,
+  norms and embeddings are not decayed).
 * LR schedule `lr_multiplier(step)`: warmup then cosine / warmup-stable-decay / constant. It is a
   pure function of the step, set on the optimizer every step: nothing to checkpoint, identical
   under DDP and DeepSpeed.
@@ -42,6 +43,7 @@ from typing import Any, Callable
 import torch
 
 from pipeline import distributed
+from pipeline.config import ConfigError
 from pipeline.settings import TrainSettings
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{6,})$")
@@ -58,22 +60,36 @@ def _shape(p: torch.Tensor) -> tuple[int, ...]:
     return tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3 partitions parameters at construction
 
 
-def build_optimizer(model, settings: TrainSettings) -> torch.optim.AdamW:
-    """AdamW with weight decay on weight matrices only (not biases, norms or embeddings)."""
+def build_optimizer(model, settings: TrainSettings) -> torch.optim.Optimizer:
+    """AdamW, or Muon for the hidden weight matrices (settings.optimizer); weight decay only on matrices.
+
+    Embeddings, the output head, biases, norms and >2-D tensors (stacked MoE experts) always go to
+    AdamW (Muon orthogonalises whole 2-D updates, which is meaningless for lookup tables and 1-D gains).
+    """
     embeddings = set()
     for getter in ("get_input_embeddings", "get_output_embeddings"):
         module = getattr(model, getter, lambda: None)()
         if module is not None and getattr(module, "weight", None) is not None:
             embeddings.add(id(module.weight))
-    decay, no_decay = [], []
+    matrices, decay, no_decay = [], [], []
     for p in model.parameters():
         if not p.requires_grad:
             continue
-        (decay if len(_shape(p)) >= 2 and id(p) not in embeddings else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": settings.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=settings.learning_rate,
-                             betas=(settings.beta1, settings.beta2), eps=1e-8)
+        if len(_shape(p)) < 2 or id(p) in embeddings:
+            no_decay.append(p)
+        elif settings.optimizer == "muon" and len(_shape(p)) == 2:
+            matrices.append(p)
+        else:
+            decay.append(p)
+    adamw_groups = [g for g in ({"params": decay, "weight_decay": settings.weight_decay},
+                                {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    betas = (settings.beta1, settings.beta2)
+    if settings.optimizer == "muon":
+        from pipeline.muon import MuonWithAdamW
+
+        return MuonWithAdamW(matrices, adamw_groups, lr=settings.learning_rate, weight_decay=settings.weight_decay,
+                             betas=betas, momentum=settings.muon_momentum)
+    return torch.optim.AdamW(adamw_groups, lr=settings.learning_rate, betas=betas, eps=1e-8)
 
 
 def lr_multiplier(step: int, settings: TrainSettings) -> float:
@@ -290,9 +306,12 @@ def train(
     if settings.activation_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
+    deepspeed = accelerator.state.deepspeed_plugin is not None
+    if deepspeed and settings.optimizer == "muon":
+        raise ConfigError("optimizer: muon needs whole weight matrices, which DeepSpeed ZeRO flattens and "
+                          "partitions; use optimizer: adamw with a DeepSpeed config, or a DDP/single-process one")
     optimizer = build_optimizer(model, settings)
     model, optimizer = accelerator.prepare(model, optimizer)
-    deepspeed = accelerator.state.deepspeed_plugin is not None
     if settings.compile:
         if deepspeed:
             model.compile()

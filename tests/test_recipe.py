@@ -153,3 +153,18 @@ def test_missing_or_cyclic_base_names_the_key(tmp_path):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({"base": "b.yaml"}))
     with pytest.raises(ConfigError, match=r"^base: b.yaml makes a cycle \(b.yaml -> c.yaml -> b.yaml\)"):
         load_recipe(tmp_path / "b.yaml")
+
+
+def test_muon_with_a_deepspeed_launch_config_is_rejected_naming_the_key():
+    stages = {"tokenizer": TOKENIZER,
+              "prepare": {"inputs": {"tokenizer": "tokenizer.tokenizer"}},
+              "pretrain": {"inputs": {"data": "prepare.dataset", "tokenizer": "tokenizer.tokenizer"},
+                           "optimizer": "muon"}}
+    zero2 = str(ROOT / "recipes" / "accelerate" / "cpu_zero2.yaml")
+    assert parse({"stages": stages}).settings["pretrain"].optimizer == "muon"  # single process: fine
+    ddp = parse({"stages": stages}, [f"stages.pretrain.launch.config_file={ROOT / 'recipes/accelerate/cpu_ddp.yaml'}"])
+    assert ddp.settings["pretrain"].optimizer == "muon"
+    msg = error_of({"stages": stages}, [f"stages.pretrain.launch.config_file={zero2}"])
+    assert msg.startswith("stages.pretrain.optimizer: muon needs whole weight matrices") and "cpu_zero2.yaml" in msg
+    assert error_of({"stages": stages}, ["stages.pretrain.optimizer=lion"]).startswith(
+        "stages.pretrain.optimizer: 'lion' is not one of adamw, muon")

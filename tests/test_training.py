@@ -88,6 +88,52 @@ def test_weight_decay_only_on_matrices():
     assert len(decayed) + len(plain) == len(names)
 
 
+
+def test_muon_updates_hidden_matrices_as_torch_muon_and_the_rest_with_adamw():
+    torch.manual_seed(0)
+    model = models.build_model(ModelSettings(size="nano", max_seq_len=64, tie_embeddings=False), 300, 0, 1, 2)
+    opt = training.build_optimizer(model, TrainSettings(optimizer="muon", learning_rate=0.02, weight_decay=0.1))
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon = {names[id(p)] for p in opt.param_groups[0]["params"]}
+    # every projection of every layer, and nothing else (embeddings, head and norms stay with AdamW)
+    assert muon == {n for n, p in model.named_parameters() if p.ndim == 2 and "embed" not in n and "lm_head" not in n}
+    assert len(muon) == 2 * 7
+    adamw = {names[id(p)] for g in opt.param_groups[1:] for p in g["params"]}
+    assert adamw | muon == set(names.values()) and not adamw & muon
+
+    # reference: torch's own Muon ("match_rms_adamw") and AdamW on copies, same gradients, two steps
+    params = dict(model.named_parameters())
+    copies = {n: p.detach().clone().requires_grad_() for n, p in params.items()}
+    ref_muon = torch.optim.Muon([copies[n] for n in sorted(muon)], lr=0.02, weight_decay=0.1,
+                                adjust_lr_fn="match_rms_adamw")
+    ref_adamw = torch.optim.AdamW([{"params": [copies[names[id(p)]] for p in g["params"]],
+                                    "weight_decay": g["weight_decay"]} for g in opt.param_groups[1:]],  # our split
+                                  lr=0.02, betas=(0.9, 0.95), eps=1e-8)
+    start = {n: p.detach().clone() for n, p in params.items()}
+    for _ in range(2):
+        grads = {n: torch.randn_like(p) for n, p in params.items()}
+        for n in params:
+            params[n].grad, copies[n].grad = grads[n].clone(), grads[n].clone()
+        opt.step()
+        ref_muon.step()
+        ref_adamw.step()
+    for n, p in params.items():
+        moved = (p.detach() - start[n]).abs().max()
+        assert moved > 1e-3, n
+        tol = 0.05 * moved if n in muon else 1e-6  # Newton-Schulz runs in bf16 (as torch's does)
+        assert (p.detach() - copies[n].detach()).abs().max() <= tol, n
+
+    # a round trip through state_dict restores both halves (momentum buffers and Adam moments)
+    state = opt.state_dict()
+    again = training.build_optimizer(model, TrainSettings(optimizer="muon", learning_rate=0.02, weight_decay=0.1))
+    again.load_state_dict(state)
+    for n in ("model.layers.0.mlp.up_proj.weight", "model.embed_tokens.weight"):
+        p = params[n]
+        for key, value in opt.state[p].items():
+            assert torch.equal(again.state[p][key], value), (n, key)
+    assert again.adamw.state is again.state and again.adamw.param_groups[0] is again.param_groups[1]
+
+
 # --- training behaviour ---
 
 def test_validation_loss_falls_and_metrics_are_written(packed, tmp_path):
@@ -155,8 +201,9 @@ def test_export_reloads_in_fresh_process_with_identical_logits(packed, tmp_path)
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_resume_follows_the_uninterrupted_loss_curve(packed, tmp_path):
-    s = settings(max_steps=8, save_every=3, keep_checkpoints=2)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_follows_the_uninterrupted_loss_curve(packed, tmp_path, optimizer):
+    s = settings(max_steps=8, save_every=3, keep_checkpoints=2, optimizer=optimizer)
     run_training(packed, tmp_path / "straight", s)
     straight = losses(tmp_path / "straight")
     assert sorted(straight) == list(range(1, 9))
