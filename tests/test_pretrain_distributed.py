@@ -89,3 +89,18 @@ def test_two_processes_train_and_export(config_name, kind, stage, data, tmp_path
                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     assert float(out.stdout.strip().splitlines()[-1]) == pytest.approx(metrics["final_val_loss"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_muon_under_ddp_follows_the_single_process_curve(data, tmp_path):
+    # Muon orthogonalises whole gradient matrices: after DDP's all-reduce every rank must apply the
+    # update of the global batch, exactly as one process accumulating the same 2 micro batches
+    config = str(ROOT / "recipes/accelerate/cpu_ddp.yaml")
+    manifest, losses = run_stage(tmp_path, data, "ddp", accelerate_launch(config), 2, config, optimizer="muon",
+                                 learning_rate=0.02)
+    assert manifest["metrics"]["distributed"]["num_processes"] == 2
+    _, single = run_stage(tmp_path, data, "single", [], 1, grad_accum_steps=2, optimizer="muon", learning_rate=0.02)
+    _, adamw = run_stage(tmp_path, data, "adamw", [], 1, grad_accum_steps=2, learning_rate=0.02)
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    assert single == pytest.approx(losses, rel=1e-4)
+    assert adamw[1:] != pytest.approx(losses[1:], rel=1e-3)  # the optimizer really was Muon
