@@ -208,8 +208,11 @@ def reference_step_speed(threads: int | None, steps: int = 30) -> dict:
     """Training tokens/s, measured in this process under the current load, of a nanoGPT model at its
     CPU shape (GPT: LayerNorm, GELU MLP 4x, learned positions, tied head; block 64, batch 12) and of
     our model at the same shape (pipeline.models: Llama), each with nanoGPT's 65-character and our
-    1024-token vocabulary, AdamW, the same thread count. Compares step speed on one machine at one
-    moment (target c), and separates the vocabulary's cost from the architecture's."""
+    1024-token vocabulary, AdamW, the same thread count, eager and under torch.compile (nanoGPT's CPU
+    recipe runs eager; ours compiles with the recipe key `compile: true`). Compares step speed on one
+    machine at one moment (target c), separates the vocabulary's cost from the architecture's, and
+    reports training FLOPs per token (6 x matmul parameters + attention, PaLM's count) so the achieved
+    FLOP/s of the two can be compared."""
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
@@ -220,6 +223,7 @@ def reference_step_speed(threads: int | None, steps: int = 30) -> dict:
     if threads:
         torch.set_num_threads(threads)
     B, T, L, D, H = 12, 64, 4, 128, 4
+    FFN = 344  # SwiGLU width with nanoGPT's MLP parameters and FLOPs (3 x 128 x 344 ~ 2 x 128 x 512)
 
     class Block(nn.Module):
         def __init__(self):
@@ -256,45 +260,58 @@ def reference_step_speed(threads: int | None, steps: int = 30) -> dict:
             step()
         return B * T * steps / (time.perf_counter() - start)
 
-    def nanogpt(vocab):
+    flops: dict[str, float] = {}
+
+    def nanogpt(vocab, compile=False):
         model = GPT(vocab)
+        matmul_params = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2 and n != "wpe.weight")
+        flops[f"nanogpt_v{vocab}"] = 6 * matmul_params + 12 * L * D * T
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        forward = torch.compile(model) if compile else model
         x = torch.randint(0, vocab, (B, T + 1))
 
         def step():
-            loss = F.cross_entropy(model(x[:, :-1]).reshape(-1, vocab), x[:, 1:].reshape(-1))
+            loss = F.cross_entropy(forward(x[:, :-1]).reshape(-1, vocab), x[:, 1:].reshape(-1))
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
         return step
 
-    def ours(vocab):
-        settings = ModelSettings(size="tiny", n_layers=L, d_model=D, n_heads=H, n_kv_heads=H, ffn_dim=384, max_seq_len=T)
+    def ours(vocab, compile=False):
+        settings = ModelSettings(size="tiny", n_layers=L, d_model=D, n_heads=H, n_kv_heads=H, ffn_dim=FFN, max_seq_len=T)
         model = models.build_model(settings, vocab, 0, 1, 2)
+        flops[f"ours_v{vocab}"] = models.flops_per_token(model.config, T)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        forward = torch.compile(model) if compile else model  # what training.train does for `compile: true`
         batch = {"input_ids": torch.randint(3, vocab, (B, T + 1)), "position_ids": torch.arange(T + 1).repeat(B, 1)}
 
         def step():
-            loss, _ = models.causal_lm_loss(model, batch, settings)
+            loss, _ = models.causal_lm_loss(forward, batch, settings)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
         return step
 
-    # both models at both vocabularies, interleaved over three rounds (median), so a load change
-    # mid-run hits every variant alike; the v1024/v65 pairs separate the vocabulary's cost from the
-    # architecture's (Llama's RoPE, RMSNorm and SwiGLU are several unfused ops each on CPU)
     out = {"threads": torch.get_num_threads(), "load_before": load_average()}
-    variants = {"nanogpt_v65": lambda: nanogpt(65), "ours_v1024": lambda: ours(1024),
-                "nanogpt_v1024": lambda: nanogpt(1024), "ours_v65": lambda: ours(65)}
+    # nanoGPT as its CPU recipe runs it (eager) and compiled; ours at the smallest byte-level BPE (300,
+    # about nanoGPT's characters per token) and at 1024, eager and compiled (`compile: true`)
+    variants = {"nanogpt_v65": lambda: nanogpt(65), "nanogpt_v65_compiled": lambda: nanogpt(65, True),
+                "ours_v300": lambda: ours(300), "ours_v300_compiled": lambda: ours(300, True),
+                "ours_v1024": lambda: ours(1024), "ours_v1024_compiled": lambda: ours(1024, True),
+                "nanogpt_v1024": lambda: nanogpt(1024)}
+    steps_made = {name: make() for name, make in variants.items()}  # compiled once, timed every round
     rounds: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(3):
-        for name, make in variants.items():
-            rounds[name].append(timed(make()))
+    for _ in range(5):  # interleaved rounds, median: a load change mid-run hits every variant alike
+        for name, step in steps_made.items():
+            rounds[name].append(timed(step))
     for name, values in rounds.items():
-        out[f"{name}_tokens_per_s"] = round(sorted(values)[1])
-    out["ours_over_nanogpt_same_vocab"] = {v: round(out[f"ours_v{v}_tokens_per_s"] / out[f"nanogpt_v{v}_tokens_per_s"], 2)
-                                           for v in (65, 1024)}
+        out[f"{name}_tokens_per_s"] = round(sorted(values)[2])
+    base = out["nanogpt_v65_tokens_per_s"]
+    out["over_nanogpt_v65"] = {name: round(out[f"{name}_tokens_per_s"] / base, 2) for name in variants}
+    out["flops_per_token"] = {name: round(f) for name, f in flops.items()}
+    out["flop_ratio_vs_nanogpt_v65"] = {name: round(flops["nanogpt_v65"] / f, 2) for name, f in flops.items()}
+    out["achieved_gflops"] = {name: round(out[f"{name}_tokens_per_s"] * flops[name.removesuffix("_compiled")] / 1e9, 1)
+                              for name in variants}
     out["load_after"] = load_average()
     return out
 

@@ -92,7 +92,7 @@ def _fork(stage: str, argv: list[str], env: dict[str, str], upcoming: tuple[str,
 
 def _child(stage: str, argv: list[str], env: dict[str, str]) -> int:
     """Behave like `python -m stages.<stage> ARGV` under `env`: the same exit codes, then the same exit
-    sequence (non-daemon threads joined, atexit handlers, streams flushed)."""
+    sequence (threads stopped and joined, atexit handlers, streams flushed)."""
     code = 1
     try:
         os.environ.clear()
@@ -118,9 +118,9 @@ def _child(stage: str, argv: list[str], env: dict[str, str]) -> int:
     except BaseException:
         traceback.print_exc()
     try:
-        for t in threading.enumerate():
-            if t is not threading.main_thread() and not t.daemon:
-                t.join()
+        # the interpreter's own exit sequence: threading's atexit hooks (they stop executor workers,
+        # e.g. torch.compile's), then the non-daemon threads are joined, then atexit handlers
+        threading._shutdown()
         atexit._run_exitfuncs()
         sys.stdout.flush()
         sys.stderr.flush()

@@ -74,3 +74,21 @@ def test_moe_stage_logs_router_balance(data, tmp_path):
     assert config["model_type"] == "qwen3_moe" and config["num_local_experts"] == 4
     tags = scalar_tags(out / "tensorboard")
     assert {"train/aux_loss", "train/z_loss", "train/expert_load/layer0_max", "train/expert_load/layer1/3"} <= tags
+
+
+def test_compiled_training_in_a_forked_stage_follows_the_eager_curve_and_exits(data, tmp_path):
+    # with 2 threads, `compile: true` leaves torch.compile's worker threads behind; a stage forked from
+    # the runner must still exit like a fresh interpreter (threading's exit hooks stop them), not hang
+    def run(name, **train):
+        recipe = tmp_path / f"{name}.yaml"
+        recipe.write_text(yaml.safe_dump(pretrain_recipe(tmp_path / name, *data, max_steps=4, **train)))
+        proc = subprocess.run([sys.executable, "-m", "pipeline", "run", str(recipe)], cwd=ROOT, capture_output=True,
+                              text=True, timeout=150, env={**os.environ, "OMP_NUM_THREADS": "2"})
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "pretrain: forked from the runner" in proc.stdout
+        log = tmp_path / name / "pretrain" / "train_log.jsonl"
+        return [json.loads(line)["loss"] for line in log.read_text().splitlines()]
+
+    compiled, eager = run("compiled", compile=True), run("eager")
+    assert len(compiled) == 4 and compiled == pytest.approx(eager, rel=1e-4)
+    assert {p.name for p in (tmp_path / "compiled" / "pretrain" / "model").iterdir()} == MODEL_FILES
