@@ -41,11 +41,13 @@ def orthogonalize(updates: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> t
 
 class MuonWithAdamW(torch.optim.Optimizer):
     def __init__(self, matrices: list[torch.Tensor], adamw_groups: list[dict], *, lr: float, weight_decay: float,
-                 betas: tuple[float, float], momentum: float = 0.95, ns_steps: int = 5, eps: float = 1e-8):
+                 betas: tuple[float, float], momentum: float = 0.95, ns_steps: int = 5, eps: float = 1e-8,
+                 fused: bool = False):
         for p in matrices:
             if p.ndim != 2:
                 raise ValueError(f"Muon takes 2-D matrices, got a parameter of shape {tuple(p.shape)}")
-        self.adamw = torch.optim.AdamW(adamw_groups, lr=lr, betas=betas, eps=eps) if adamw_groups else None
+        self.adamw = (torch.optim.AdamW(adamw_groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
+                      if adamw_groups else None)
         muon = {"params": matrices, "lr": lr, "weight_decay": weight_decay, "momentum": momentum,
                 "ns_steps": ns_steps}
         super().__init__([muon] + (self.adamw.param_groups if self.adamw else []), defaults={})

@@ -60,11 +60,13 @@ def _shape(p: torch.Tensor) -> tuple[int, ...]:
     return tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3 partitions parameters at construction
 
 
-def build_optimizer(model, settings: TrainSettings) -> torch.optim.Optimizer:
+def build_optimizer(model, settings: TrainSettings, fused: bool = False) -> torch.optim.Optimizer:
     """AdamW, or Muon for the hidden weight matrices (settings.optimizer); weight decay only on matrices.
 
     Embeddings, the output head, biases, norms and >2-D tensors (stacked MoE experts) always go to
     AdamW (Muon orthogonalises whole 2-D updates, which is meaningless for lookup tables and 1-D gains).
+    `fused`: torch's fused AdamW kernel (CPU and CUDA); on CPU torch otherwise picks its one-tensor-at-
+    a-time loop, 5x slower (2.4 ms against 0.5 ms per step for a 4 x 128 model).
     """
     embeddings = set()
     for getter in ("get_input_embeddings", "get_output_embeddings"):
@@ -88,8 +90,8 @@ def build_optimizer(model, settings: TrainSettings) -> torch.optim.Optimizer:
         from pipeline.muon import MuonWithAdamW
 
         return MuonWithAdamW(matrices, adamw_groups, lr=settings.learning_rate, weight_decay=settings.weight_decay,
-                             betas=betas, momentum=settings.muon_momentum)
-    return torch.optim.AdamW(adamw_groups, lr=settings.learning_rate, betas=betas, eps=1e-8)
+                             betas=betas, momentum=settings.muon_momentum, fused=fused)
+    return torch.optim.AdamW(adamw_groups, lr=settings.learning_rate, betas=betas, eps=1e-8, fused=fused or None)
 
 
 def lr_multiplier(step: int, settings: TrainSettings) -> float:
@@ -112,6 +114,12 @@ def lr_multiplier(step: int, settings: TrainSettings) -> float:
 
 
 # --- data order ---
+
+def _rows(data, indices: list[int]) -> list:
+    """data[i] for each index; a `datasets.Dataset` reads them in one batched Arrow call (6x faster)."""
+    getitems = getattr(data, "__getitems__", None)
+    return getitems(indices) if getitems is not None else [data[i] for i in indices]
+
 
 @dataclass
 class TrainerState:
@@ -310,7 +318,8 @@ def train(
     if deepspeed and settings.optimizer == "muon":
         raise ConfigError("optimizer: muon needs whole weight matrices, which DeepSpeed ZeRO flattens and "
                           "partitions; use optimizer: adamw with a DeepSpeed config, or a DDP/single-process one")
-    optimizer = build_optimizer(model, settings)
+    # DeepSpeed steps the optimizer over its own flat partitions: leave it the plain AdamW
+    optimizer = build_optimizer(model, settings, fused=not deepspeed and accelerator.device.type in ("cpu", "cuda"))
     model, optimizer = accelerator.prepare(model, optimizer)
     if settings.compile:
         if deepspeed:
@@ -365,7 +374,7 @@ def train(
         for micro in range(settings.grad_accum_steps):
             # rank-major within a micro step: the same examples form a global batch at any world size
             lo = (micro * world + rank) * mbs
-            batch = _to_device(collate([train_data[int(i)] for i in indices[lo:lo + mbs]]), accelerator.device)
+            batch = _to_device(collate(_rows(train_data, indices[lo:lo + mbs].tolist())), accelerator.device)
             with accelerator.accumulate(model):
                 loss, aux = loss_fn(model, batch)
                 mean_loss = accelerator.reduce(loss.detach().float(), "mean")
@@ -459,7 +468,7 @@ def make_lm_evaluator(accelerator, val_data, collate, micro_batch_size: int, max
         for b in range(n_batches):
             idx = mine[b * micro_batch_size:(b + 1) * micro_batch_size]
             weight = 1.0 if idx else 0.0
-            batch = _to_device(collate([val_data[i] for i in (idx or [0])]), accelerator.device)
+            batch = _to_device(collate(_rows(val_data, idx or [0])), accelerator.device)
             ids = batch["input_ids"]
             out = model(input_ids=ids[:, :-1], position_ids=batch["position_ids"][:, :-1], use_cache=False)
             targets = ids[:, 1:]
