@@ -74,7 +74,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
                 loss = closure()
         group = self.param_groups[0]
         lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
-        by_shape: dict[torch.Size, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
+        # (short side, long side) -> [(parameter, its update laid out wide, whether it was transposed)]
+        by_shape: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor, bool]]] = defaultdict(list)
         for p in group["params"]:
             if p.grad is None:
                 continue

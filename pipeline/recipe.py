@@ -31,7 +31,7 @@ from pipeline.corpus import BUILTIN_CORPORA
 from pipeline.hub import PushSettings
 from pipeline.instruction_task import TASK_VERSION
 from pipeline.ppo_settings import PPOSettings
-from pipeline.settings import ModelSettings, TrainSettings
+from pipeline.settings import ModelSettings, TrainSettings, muon_under_deepspeed
 
 REFERENCE = re.compile(r"^([A-Za-z_][\w-]*)\.([A-Za-z_]\w*)$")
 
@@ -135,8 +135,7 @@ def validate_training_stage(stage: StageSettings | TrainSettings) -> None:
         except (OSError, yaml.YAMLError) as e:
             raise ConfigError(f"launch.config_file: cannot read {config}: {e}") from None
         if str(distributed_type).upper() == "DEEPSPEED":
-            raise ConfigError(f"optimizer: muon needs whole weight matrices, which DeepSpeed ZeRO ({config}) "
-                              f"flattens and partitions; use adamw with DeepSpeed, or a DDP config")
+            raise muon_under_deepspeed(f"DeepSpeed ZeRO ({config})")
 
 
 @dataclass

@@ -75,6 +75,12 @@ class ModelSettings:
         )
 
 
+def muon_under_deepspeed(config: str = "DeepSpeed ZeRO") -> ConfigError:
+    """The one error for `optimizer: muon` with DeepSpeed (recipe parse and run time raise it)."""
+    return ConfigError(f"optimizer: muon needs whole weight matrices, which {config} flattens and partitions; "
+                       f"use optimizer: adamw with DeepSpeed, or a DDP/single-process config")
+
+
 @dataclass
 class TrainSettings:
     max_steps: int = 100

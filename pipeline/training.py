@@ -43,8 +43,7 @@ from typing import Any, Callable
 import torch
 
 from pipeline import distributed
-from pipeline.config import ConfigError
-from pipeline.settings import TrainSettings
+from pipeline.settings import TrainSettings, muon_under_deepspeed
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{6,})$")
 STATE_FILE = "trainer_state.json"
@@ -316,8 +315,7 @@ def train(
         enable()
     deepspeed = accelerator.state.deepspeed_plugin is not None
     if deepspeed and settings.optimizer == "muon":
-        raise ConfigError("optimizer: muon needs whole weight matrices, which DeepSpeed ZeRO flattens and "
-                          "partitions; use optimizer: adamw with a DeepSpeed config, or a DDP/single-process one")
+        raise muon_under_deepspeed()
     # DeepSpeed steps the optimizer over its own flat partitions: leave it the plain AdamW
     optimizer = build_optimizer(model, settings, fused=not deepspeed and accelerator.device.type in ("cpu", "cuda"))
     model, optimizer = accelerator.prepare(model, optimizer)
