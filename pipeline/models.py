@@ -98,9 +98,19 @@ def build_model(model_settings: ModelSettings, vocab_size: int, bos_id: int | No
     from transformers import AutoModelForCausalLM
 
     config = build_model_config(model_settings, vocab_size, bos_id, eos_id, pad_id)
-    return AutoModelForCausalLM.from_config(
+    model = AutoModelForCausalLM.from_config(
         config, attn_implementation=attn_implementation(model_settings.attention), dtype=torch.float32
     )
+    if model_settings.residual_init == "zero":
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith(RESIDUAL_OUTPUTS):
+                    p.zero_()
+    return model
+
+
+# the projections that write into the residual stream (Llama and Qwen3-MoE, experts' stacked ones too)
+RESIDUAL_OUTPUTS = ("self_attn.o_proj.weight", "down_proj.weight", "down_proj")
 
 
 def is_moe(config) -> bool:

@@ -140,6 +140,10 @@ def validate_training_stage(stage: StageSettings | TrainSettings) -> None:
 
 @dataclass
 class PretrainSettings(StageSettings, TrainSettings):
+    shift_blocks: bool = False
+    # every epoch after the first reads the packed token stream at a new offset (pipeline.packing.
+    # ShiftedBlocks), so repeated passes over a small corpus see new contexts, not the same blocks
+
     INPUTS: ClassVar = {"data": "dataset", "tokenizer": "tokenizer"}
     OUTPUTS: ClassVar = ("model",)
     ACCELERATED: ClassVar = True

@@ -49,6 +49,9 @@ class ModelSettings:
     attention: Literal["auto", "triton", "sdpa", "eager"] = "auto"
     # auto: our Triton flash-attention on CUDA, PyTorch SDPA on CPU
     init_std: float = 0.02
+    residual_init: Literal["normal", "zero"] = "normal"
+    # zero: attention output and MLP down projections start at zero, so every block starts as the
+    # identity (modded-nanogpt's init); normal: N(0, init_std) like every other matrix
 
     def validate(self) -> None:
         if self.size not in MODEL_SIZES:
@@ -85,10 +88,18 @@ def muon_under_deepspeed(config: str = "DeepSpeed ZeRO") -> ConfigError:
 class TrainSettings:
     max_steps: int = 100
     # optimizer steps
+    max_train_seconds: float | None = None
+    # a wall-clock budget for the training loop (resumed runs continue it): training stops at
+    # max_steps or when the budget is spent, whichever comes first, and the schedule follows
+    # whichever is further along (a cluster job's time limit; a time-to-quality benchmark). The
+    # steps taken then depend on the machine's speed, so the loss curve is not reproducible
     micro_batch_size: int = 8
     # sequences per process per forward
     grad_accum_steps: int = 1
     learning_rate: float = 3e-4
+    embedding_lr_scale: float = 1.0
+    # the input embedding's learning rate as a multiple of learning_rate (AdamW either way): a lookup
+    # table's rows see few, small gradients; with untied embeddings a larger rate trains them faster
     optimizer: Literal["adamw", "muon"] = "adamw"
     # muon: torch's Muon for hidden weight matrices (update RMS matched to AdamW, same lr and
     # schedule), AdamW for embeddings, head, norms; not with DeepSpeed (ZeRO flattens the matrices)
@@ -119,6 +130,10 @@ class TrainSettings:
                                 "save_every", "keep_checkpoints", "log_every"))
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate: must be positive, got {self.learning_rate}")
+        if self.max_train_seconds is not None and self.max_train_seconds <= 0:
+            raise ConfigError(f"max_train_seconds: must be positive, got {self.max_train_seconds}")
+        if self.embedding_lr_scale <= 0:
+            raise ConfigError(f"embedding_lr_scale: must be positive, got {self.embedding_lr_scale}")
         if not 0 <= self.muon_momentum < 1:
             raise ConfigError(f"muon_momentum: must be in [0, 1), got {self.muon_momentum}")
         if self.warmup_steps < 0:

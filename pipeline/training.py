@@ -4,10 +4,11 @@ Stages own only what is theirs: the model, the data and a `loss_fn(model, batch)
 (pretraining: `pipeline.models.causal_lm_loss`). Everything else lives here:
 
 * AdamW (or Muon for hidden matrices, `optimizer: muon`); weight decay only on matrices (biases,
-  norms and embeddings are not decayed).
+  norms and embeddings are not decayed); the input embedding may get its own rate (embedding_lr_scale).
 * LR schedule `lr_multiplier(step)`: warmup then cosine / warmup-stable-decay / constant. It is a
   pure function of the step, set on the optimizer every step: nothing to checkpoint, identical
-  under DDP and DeepSpeed.
+  under DDP and DeepSpeed. With `max_train_seconds` it also follows the time spent (rank 0's clock,
+  saved with each checkpoint), and training stops when the budget is.
 * Data order: a permutation drawn from (seed, epoch); each optimizer step consumes the next
   `micro_batch_size * grad_accum_steps * num_processes` examples; a partial global batch at the end
   of an epoch is skipped. The position (epoch, offset) is saved with every checkpoint, so a
@@ -36,13 +37,14 @@ import math
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from pipeline import distributed
+from pipeline.packing import read_rows
 from pipeline.settings import TrainSettings, muon_under_deepspeed
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{6,})$")
@@ -72,9 +74,11 @@ def build_optimizer(model, settings: TrainSettings, fused: bool = False) -> torc
         module = getattr(model, getter, lambda: None)()
         if module is not None and getattr(module, "weight", None) is not None:
             embeddings.add(id(module.weight))
+    input_embedding = getattr(getattr(model, "get_input_embeddings", lambda: None)(), "weight", None)
+    scaled = input_embedding if settings.embedding_lr_scale != 1.0 else None
     matrices, decay, no_decay = [], [], []
     for p in model.parameters():
-        if not p.requires_grad:
+        if not p.requires_grad or p is scaled:
             continue
         if len(_shape(p)) < 2 or id(p) in embeddings:
             no_decay.append(p)
@@ -84,6 +88,8 @@ def build_optimizer(model, settings: TrainSettings, fused: bool = False) -> torc
             decay.append(p)
     adamw_groups = [g for g in ({"params": decay, "weight_decay": settings.weight_decay},
                                 {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    if scaled is not None and scaled.requires_grad:  # the loop sets lr = schedule * lr_scale per group
+        adamw_groups.append({"params": [scaled], "weight_decay": 0.0, "lr_scale": settings.embedding_lr_scale})
     betas = (settings.beta1, settings.beta2)
     if settings.optimizer == "muon":
         from pipeline.muon import MuonWithAdamW
@@ -93,31 +99,37 @@ def build_optimizer(model, settings: TrainSettings, fused: bool = False) -> torc
     return torch.optim.AdamW(adamw_groups, lr=settings.learning_rate, betas=betas, eps=1e-8, fused=fused or None)
 
 
-def lr_multiplier(step: int, settings: TrainSettings) -> float:
-    """Factor on learning_rate for optimizer step `step` (0-based)."""
+def lr_multiplier(step: int, settings: TrainSettings, time_fraction: float = 0.0) -> float:
+    """Factor on learning_rate for optimizer step `step` (0-based).
+
+    `time_fraction`: the share of max_train_seconds already spent; with a time budget the schedule
+    runs on whichever of steps and time is further along, so the decay ends when the budget does.
+    """
     total, warmup, floor = settings.max_steps, settings.warmup_steps, settings.min_lr_ratio
     if step < warmup:
         return (step + 1) / warmup
     if settings.schedule == "constant":
         return 1.0
     if settings.schedule == "cosine":
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        progress = max(min(1.0, (step - warmup) / max(1, total - warmup)), min(1.0, time_fraction))
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
     # wsd: stable, then linear decay to floor over the last decay_fraction of the run
     decay_steps = max(1, round(settings.decay_fraction * total))
     decay_start = max(warmup, total - decay_steps)
-    if step < decay_start:
-        return 1.0
-    progress = min(1.0, (step - decay_start + 1) / max(1, total - decay_start))
+    progress = 0.0
+    if step >= decay_start:
+        progress = min(1.0, (step - decay_start + 1) / max(1, total - decay_start))
+    if settings.decay_fraction > 0:
+        progress = max(progress, min(1.0, (time_fraction - 1 + settings.decay_fraction) / settings.decay_fraction))
     return 1.0 + (floor - 1.0) * progress
 
 
 # --- data order ---
 
-def _rows(data, indices: list[int]) -> list:
-    """data[i] for each index; a `datasets.Dataset` reads them in one batched Arrow call (6x faster)."""
-    getitems = getattr(data, "__getitems__", None)
-    return getitems(indices) if getitems is not None else [data[i] for i in indices]
+def _rows(data, indices: list[int], epoch: int = 0) -> list:
+    """The examples at `indices`; data that reads differently per epoch (packing.ShiftedBlocks) is asked so."""
+    by_epoch = getattr(data, "rows_for_epoch", None)
+    return by_epoch(indices, epoch) if by_epoch is not None else read_rows(data, indices)
 
 
 @dataclass
@@ -128,6 +140,8 @@ class TrainerState:
     offset: int = 0
     # examples of this epoch's permutation already consumed (globally, all ranks)
     tokens: int = 0
+    train_seconds: float = 0.0
+    # wall-clock seconds spent in the loop, over all attempts (for max_train_seconds)
     # target tokens trained on so far, all ranks
 
 
@@ -142,7 +156,7 @@ def next_global_batch(state: TrainerState, seed: int, n: int, global_batch: int)
     if offset + global_batch > n:
         epoch, offset = epoch + 1, 0
     indices = epoch_order(seed, epoch, n)[offset:offset + global_batch]
-    return indices, TrainerState(state.step, epoch, offset + global_batch, state.tokens)
+    return indices, replace(state, epoch=epoch, offset=offset + global_batch)
 
 
 # --- checkpoints ---
@@ -293,12 +307,15 @@ def train(
     peak_flops: float | None = None,
     on_step: Callable[[int, float], None] | None = None,
 ):
-    """Train `model` (not yet prepared) for settings.max_steps optimizer steps, resuming if possible.
+    """Train `model` (not yet prepared) for settings.max_steps optimizer steps, resuming if possible;
+    with settings.max_train_seconds, until that budget is spent if it comes first (the last step is
+    then evaluated and saved like max_steps would be).
 
     Returns (prepared model, summary dict). `evaluate(model) -> {'val_loss': ..., ...}` runs on all
     ranks every eval_every steps and at the end (it must do the same number of forwards on every
     rank). `on_step(step, loss)` is a test hook called after each optimizer step.
     """
+    from accelerate.utils import broadcast
     from tqdm.auto import tqdm
 
     work_dir = Path(work_dir)
@@ -359,11 +376,20 @@ def train(
     tokens_session = 0
     window_t, window_tokens = time.time(), 0
     rank, mbs = accelerator.process_index, settings.micro_batch_size
-    while state.step < settings.max_steps:
+    budget = settings.max_train_seconds
+    seconds_before = state.train_seconds
+
+    def spent() -> float:  # rank 0's clock, so that every rank stops at the same step
+        local = torch.tensor(seconds_before + time.time() - t_session, dtype=torch.float64, device=accelerator.device)
+        return float(broadcast(local, from_process=0)) if world > 1 else float(local)
+
+    time_fraction = spent() / budget if budget else 0.0
+    out_of_time = time_fraction >= 1
+    while state.step < settings.max_steps and not out_of_time:
         step = state.step
-        lr = settings.learning_rate * lr_multiplier(step, settings)
+        lr = settings.learning_rate * lr_multiplier(step, settings, time_fraction)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         indices, state = next_global_batch(state, seed, n, global_batch)
         step_loss = torch.zeros((), device=accelerator.device)
         step_tokens = 0
@@ -372,7 +398,8 @@ def train(
         for micro in range(settings.grad_accum_steps):
             # rank-major within a micro step: the same examples form a global batch at any world size
             lo = (micro * world + rank) * mbs
-            batch = _to_device(collate(_rows(train_data, indices[lo:lo + mbs].tolist())), accelerator.device)
+            batch = _to_device(collate(_rows(train_data, indices[lo:lo + mbs].tolist(), state.epoch)),
+                               accelerator.device)
             with accelerator.accumulate(model):
                 loss, aux = loss_fn(model, batch)
                 mean_loss = accelerator.reduce(loss.detach().float(), "mean")
@@ -396,6 +423,10 @@ def train(
                 aux_sum[k] = aux_sum.get(k, 0) + v / settings.grad_accum_steps
         tokens = int(accelerator.reduce(torch.tensor(step_tokens, device=accelerator.device), "sum"))
         state.step, state.tokens = step + 1, state.tokens + tokens
+        state.train_seconds = seconds_before + time.time() - t_session
+        time_fraction = spent() / budget if budget else 0.0
+        out_of_time = time_fraction >= 1
+        last = state.step == settings.max_steps or out_of_time
         loss_value = float(step_loss)
         grad_norm = None if grad_norm is None else float(grad_norm)
         tokens_session += tokens
@@ -405,7 +436,7 @@ def train(
                                      "tokens": state.tokens})
         if on_step is not None:
             on_step(state.step, loss_value)
-        if state.step % settings.log_every == 0 or state.step == settings.max_steps:
+        if state.step % settings.log_every == 0 or last:
             dt = max(1e-9, time.time() - window_t)
             tok_s = window_tokens / dt
             logs = {"train/loss": loss_value, "train/lr": lr, "train/tokens_per_s": tok_s, "train/tokens": state.tokens}
@@ -418,9 +449,9 @@ def train(
             bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tok_s:,.0f}")
             window_t, window_tokens = time.time(), 0
         bar.update(1)
-        if state.step % settings.eval_every == 0 or state.step == settings.max_steps:
+        if state.step % settings.eval_every == 0 or last:
             last_eval = run_eval()
-        if state.step % settings.save_every == 0 or state.step == settings.max_steps:
+        if state.step % settings.save_every == 0 or last:
             save_checkpoint(accelerator, state, work_dir, settings.keep_checkpoints)
             last_saved = state.step
     bar.close()
@@ -434,6 +465,7 @@ def train(
         "train_seconds": round(seconds, 3),
         "tokens_per_s": round(tokens_session / seconds, 1) if seconds > 0 and tokens_session else None,
         "last_checkpoint_step": last_saved,
+        "stopped_by_time_budget": out_of_time and state.step < settings.max_steps,
         **{f"final_{k}": v for k, v in last_eval.items()},
     }
     return model, summary

@@ -62,6 +62,8 @@ def run(ctx: StageContext) -> None:
         raise StageError(f"input data: token id {top} >= tokenizer vocabulary {vocab_size}: "
                          f"the dataset was packed with another tokenizer")
     train_data = data["train"].with_format("numpy")
+    if s.shift_blocks:
+        train_data = packing.ShiftedBlocks(train_data, ctx.seed)
     val_data = data["validation"].with_format("numpy")
 
     accelerator = distributed.make_accelerator(s.grad_accum_steps, ctx.work_dir / "tensorboard",

@@ -29,15 +29,22 @@ def build(family: str, seed: int = 0, **kw):
     return models.build_model(nano(family, **kw), VOCAB, 0, 1, 2)
 
 
-@pytest.mark.parametrize("family", ["dense", "moe"])
-def test_every_parameter_changes_in_a_few_steps(family, tmp_path):
+@pytest.mark.parametrize("family,residual_init", [("dense", "normal"), ("moe", "normal"), ("dense", "zero"),
+                                                  ("moe", "zero")])
+def test_every_parameter_changes_in_a_few_steps(family, residual_init, tmp_path):
     texts = repetitive_texts(120)
     tok = make_tokenizer(texts)
     data = pack_documents(texts_dataset(texts), tok, 32, num_proc=1).with_format("numpy")
-    settings = nano(family)
+    settings = nano(family, residual_init=residual_init)
     torch.manual_seed(0)
     model = models.build_model(settings, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    zeroed = {n for n, p in before.items() if not p.any()}
+    if residual_init == "zero":  # every block starts as the identity: what writes to the residual is 0
+        assert zeroed == {n for n in before if n.endswith(("o_proj.weight", "down_proj.weight", "down_proj"))}
+        assert len(zeroed) == 2 * settings.dims()[0]
+    else:
+        assert not zeroed
     train = TrainSettings(max_steps=3, micro_batch_size=8, learning_rate=1e-2, warmup_steps=0,
                           weight_decay=0.0,  # decay alone would move every weight
                           eval_every=100, save_every=100, log_every=1)

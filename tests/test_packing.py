@@ -10,7 +10,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from pretrain_helpers import make_tokenizer, repetitive_texts, texts_dataset  # noqa: E402
 
-from pipeline.packing import pack_documents, pack_stream, token_byte_lengths  # noqa: E402
+from pipeline.packing import ShiftedBlocks, pack_documents, pack_stream, token_byte_lengths  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +42,39 @@ def test_pack_stream_chunking_does_not_change_blocks():
     doc_pos = np.arange(stream.size) - np.repeat(np.cumsum(lens) - lens, lens)
     idx = np.arange(len(whole["input_ids"]))[:, None] * 16 + np.arange(17)
     assert np.array_equal(whole["position_ids"], np.minimum(doc_pos[idx], np.arange(17)))
+
+
+def test_shifted_blocks_read_the_stream_at_a_new_offset_each_epoch():
+    rng = np.random.default_rng(1)
+    lens = rng.integers(1, 30, 80)
+    stream = rng.integers(0, 1000, lens.sum())
+    T = 16
+    packed = pack_stream(stream, lens, T)
+    blocks = [{k: packed[k][i] for k in packed} for i in range(len(packed["input_ids"]))]
+    view = ShiftedBlocks(blocks, seed=3)
+    n = len(view)
+    assert n == len(blocks)
+    rows = view.rows_for_epoch(list(range(n)), 0)  # the first epoch reads the blocks as stored
+    assert all(np.array_equal(r["input_ids"], b["input_ids"]) for r, b in zip(rows, blocks))
+    offsets = [view.offset(e) for e in range(1, 8)]
+    assert all(1 <= o < T for o in offsets) and len(set(offsets)) > 1
+    assert offsets == [ShiftedBlocks(blocks, seed=3).offset(e) for e in range(1, 8)]  # a resumed run agrees
+    for epoch in (1, 2):
+        o = view.offset(epoch)
+        rows = view.rows_for_epoch(list(range(n)), epoch)
+        # window i is the stream packed from offset o: same tokens, positions restarting at the window
+        # start and at every document start inside it
+        doc_start = np.cumsum(lens) - lens
+        first = np.searchsorted(doc_start, o, side="right") - 1
+        shifted_lens = np.concatenate([[doc_start[first] + lens[first] - o], lens[first + 1:]])
+        expected = pack_stream(stream[o:], shifted_lens, T)
+        for i in range(n - 1):
+            assert np.array_equal(rows[i]["input_ids"], expected["input_ids"][i]), (epoch, i)
+            assert np.array_equal(rows[i]["position_ids"], expected["position_ids"][i]), (epoch, i)
+        # the last window wraps to the stream start, with positions restarting there
+        last = rows[n - 1]
+        assert np.array_equal(last["input_ids"], np.concatenate([stream[(n - 1) * T + o:n * T + 1], stream[1:o + 1]]))
+        assert last["position_ids"][T + 1 - o] == 0
 
 
 def test_pack_documents_adds_bos_eos_and_is_deterministic(tokenizer):

@@ -17,7 +17,7 @@ from pretrain_helpers import one_thread, pretrain_recipe, write_packed_data  # n
 
 from pipeline import models, training  # noqa: E402
 from pipeline.distributed import make_accelerator  # noqa: E402
-from pipeline.packing import collate_blocks, token_byte_lengths  # noqa: E402
+from pipeline.packing import ShiftedBlocks, collate_blocks, token_byte_lengths  # noqa: E402
 from pipeline.settings import ModelSettings, TrainSettings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,8 +45,9 @@ def settings(**kw) -> TrainSettings:
     return TrainSettings(**{**base, **kw})
 
 
-def run_training(packed, work_dir, train_settings, loss_fn=None, evaluate=False, on_step=None):
-    tok, train_data, val_data, *_ = packed
+def run_training(packed, work_dir, train_settings, loss_fn=None, evaluate=False, on_step=None, train_data=None):
+    tok, all_train, val_data, *_ = packed
+    train_data = all_train if train_data is None else train_data
     accelerator = make_accelerator(train_settings.grad_accum_steps, None, micro_batch_size=train_settings.micro_batch_size)
     torch.manual_seed(0)
     model = models.build_model(MODEL, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
@@ -74,6 +75,30 @@ def test_lr_schedules():
     assert g[10:80] == [1.0] * 70 and g[80] < 1.0 and g[-1] == pytest.approx(0.0)
     const = TrainSettings(max_steps=100, warmup_steps=0, schedule="constant")
     assert {training.lr_multiplier(s, const) for s in range(100)} == {1.0}
+    # a time budget: the schedule follows whichever of steps and time is further along
+    assert training.lr_multiplier(20, wsd, time_fraction=0.9) == pytest.approx(0.5)
+    assert training.lr_multiplier(90, wsd, time_fraction=0.5) == g[90]
+    assert training.lr_multiplier(20, wsd, time_fraction=1.0) == pytest.approx(0.0)
+    assert training.lr_multiplier(20, cos, time_fraction=1.0) == pytest.approx(0.1)
+    assert training.lr_multiplier(5, cos, time_fraction=1.0) == f[5]  # warmup stays in steps
+
+
+def test_time_budget_stops_training_decays_the_rate_and_saves_the_last_step(packed, tmp_path):
+    s = settings(max_steps=100_000, grad_accum_steps=1, warmup_steps=2, schedule="wsd", decay_fraction=0.5,
+                 min_lr_ratio=0.0, max_train_seconds=2.0, save_every=10)
+    _, _, summary = run_training(packed, tmp_path, s, evaluate=True)
+    steps = summary["steps"]
+    assert summary["stopped_by_time_budget"] and 10 < steps < 100_000
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert len(lrs) == steps and max(lrs) == pytest.approx(s.learning_rate)
+    assert lrs[-1] < 0.2 * s.learning_rate  # decayed with the clock, not with max_steps
+    assert training.list_checkpoints(tmp_path)[-1].name == f"step-{steps:06d}"
+    saved = json.loads((training.list_checkpoints(tmp_path)[-1] / training.STATE_FILE).read_text())
+    assert saved["train_seconds"] >= 2.0
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["step"] == steps
+    # the budget is spent: running again resumes at the end instead of training on
+    _, _, again = run_training(packed, tmp_path, s, evaluate=True)
+    assert again["resumed_from_step"] == steps and again["steps"] == steps
 
 
 def test_weight_decay_only_on_matrices():
@@ -87,6 +112,28 @@ def test_weight_decay_only_on_matrices():
     assert any("norm" in n for n in plain)
     assert len(decayed) + len(plain) == len(names)
 
+
+
+def test_embedding_lr_scale_speeds_up_the_input_embedding_only(packed, tmp_path):
+    tok, train_data, *_ = packed
+    untied = ModelSettings(size="nano", max_seq_len=64, tie_embeddings=False)
+    after = {}
+    for scale in (1.0, 10.0):
+        torch.manual_seed(0)
+        model = models.build_model(untied, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        s = settings(max_steps=1, grad_accum_steps=1, warmup_steps=0, embedding_lr_scale=scale)
+        accelerator = make_accelerator(1, None, micro_batch_size=s.micro_batch_size)
+        model, _ = training.train(accelerator, model, train_data, collate_blocks,
+                                  lambda m, b: models.causal_lm_loss(m, b, untied), s, tmp_path / str(scale), seed=0)
+        after[scale] = {n: p.detach() - before[n] for n, p in accelerator.unwrap_model(model).named_parameters()}
+    emb = "model.embed_tokens.weight"
+    assert after[1.0][emb].abs().sum() > 0
+    # the first AdamW step moves each touched row by ~lr: ten times as far at scale 10
+    torch.testing.assert_close(after[10.0][emb], 10 * after[1.0][emb], rtol=1e-4, atol=1e-9)
+    for name, delta in after[1.0].items():
+        if name != emb:  # the head and every other weight: the same step at either scale
+            torch.testing.assert_close(after[10.0][name], delta, rtol=0, atol=0)
 
 
 def test_muon_updates_hidden_matrices_as_torch_muon_and_the_rest_with_adamw():
@@ -201,12 +248,19 @@ def test_export_reloads_in_fresh_process_with_identical_logits(packed, tmp_path)
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-def test_resume_follows_the_uninterrupted_loss_curve(packed, tmp_path, optimizer):
+@pytest.mark.parametrize("optimizer,shift", [("adamw", False), ("muon", False), ("adamw", True)])
+def test_resume_follows_the_uninterrupted_loss_curve(packed, tmp_path, optimizer, shift):
     s = settings(max_steps=8, save_every=3, keep_checkpoints=2, optimizer=optimizer)
-    run_training(packed, tmp_path / "straight", s)
+    data = None
+    if shift:  # 20 blocks, 8 per step: a new epoch, read at a new offset, every 2 steps
+        data = ShiftedBlocks(packed[1].select(range(20)), seed=0)
+        run_training(packed, tmp_path / "unshifted", s, train_data=data.blocks)
+    run_training(packed, tmp_path / "straight", s, train_data=data)
     straight = losses(tmp_path / "straight")
     assert sorted(straight) == list(range(1, 9))
+    if shift:  # the first epoch reads the stored blocks, later ones other windows
+        unshifted = losses(tmp_path / "unshifted")
+        assert [straight[i] == unshifted[i] for i in range(1, 9)] == [True] * 2 + [False] * 6
 
     class Crash(Exception):
         pass
@@ -216,9 +270,9 @@ def test_resume_follows_the_uninterrupted_loss_curve(packed, tmp_path, optimizer
             raise Crash
 
     with pytest.raises(Crash):
-        run_training(packed, tmp_path / "resumed", s, on_step=crash_at_5)
+        run_training(packed, tmp_path / "resumed", s, on_step=crash_at_5, train_data=data)
     assert [p.name for p in training.list_checkpoints(tmp_path / "resumed")] == ["step-000003"]
-    _, _, summary = run_training(packed, tmp_path / "resumed", s)
+    _, _, summary = run_training(packed, tmp_path / "resumed", s, train_data=data)
     assert summary["resumed_from_step"] == 3 and summary["steps"] == 8
     resumed = losses(tmp_path / "resumed")
     assert sorted(resumed) == list(range(1, 9))  # steps 4-5 of the crashed attempt were replaced
