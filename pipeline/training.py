@@ -140,9 +140,9 @@ class TrainerState:
     offset: int = 0
     # examples of this epoch's permutation already consumed (globally, all ranks)
     tokens: int = 0
+    # target tokens trained on so far, all ranks
     train_seconds: float = 0.0
     # wall-clock seconds spent in the loop, over all attempts (for max_train_seconds)
-    # target tokens trained on so far, all ranks
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:

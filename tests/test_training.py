@@ -45,14 +45,20 @@ def settings(**kw) -> TrainSettings:
     return TrainSettings(**{**base, **kw})
 
 
-def run_training(packed, work_dir, train_settings, loss_fn=None, evaluate=False, on_step=None, train_data=None):
+def build(packed, model_settings=MODEL):
+    tok = packed[0]
+    torch.manual_seed(0)
+    return models.build_model(model_settings, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+
+
+def run_training(packed, work_dir, train_settings, loss_fn=None, evaluate=False, on_step=None, train_data=None,
+                 model_settings=MODEL):
     tok, all_train, val_data, *_ = packed
     train_data = all_train if train_data is None else train_data
     accelerator = make_accelerator(train_settings.grad_accum_steps, None, micro_batch_size=train_settings.micro_batch_size)
-    torch.manual_seed(0)
-    model = models.build_model(MODEL, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    model = build(packed, model_settings)
     evaluator = training.make_lm_evaluator(accelerator, val_data, collate_blocks, 4, 4, token_byte_lengths(tok)) if evaluate else None
-    loss_fn = loss_fn or (lambda m, b: models.causal_lm_loss(m, b, MODEL))
+    loss_fn = loss_fn or (lambda m, b: models.causal_lm_loss(m, b, model_settings))
     model, summary = training.train(accelerator, model, train_data, collate_blocks, loss_fn, train_settings, work_dir,
                                     seed=0, run_start=time.time() - 100, evaluate=evaluator, on_step=on_step)
     return accelerator, model, summary
@@ -115,18 +121,13 @@ def test_weight_decay_only_on_matrices():
 
 
 def test_embedding_lr_scale_speeds_up_the_input_embedding_only(packed, tmp_path):
-    tok, train_data, *_ = packed
     untied = ModelSettings(size="nano", max_seq_len=64, tie_embeddings=False)
+    before = dict(build(packed, untied).named_parameters())  # the same seeded init run_training builds
     after = {}
     for scale in (1.0, 10.0):
-        torch.manual_seed(0)
-        model = models.build_model(untied, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
-        before = {n: p.detach().clone() for n, p in model.named_parameters()}
         s = settings(max_steps=1, grad_accum_steps=1, warmup_steps=0, embedding_lr_scale=scale)
-        accelerator = make_accelerator(1, None, micro_batch_size=s.micro_batch_size)
-        model, _ = training.train(accelerator, model, train_data, collate_blocks,
-                                  lambda m, b: models.causal_lm_loss(m, b, untied), s, tmp_path / str(scale), seed=0)
-        after[scale] = {n: p.detach() - before[n] for n, p in accelerator.unwrap_model(model).named_parameters()}
+        accelerator, model, _ = run_training(packed, tmp_path / str(scale), s, model_settings=untied)
+        after[scale] = {n: p.detach() - before[n].detach() for n, p in accelerator.unwrap_model(model).named_parameters()}
     emb = "model.embed_tokens.weight"
     assert after[1.0][emb].abs().sum() > 0
     # the first AdamW step moves each touched row by ~lr: ten times as far at scale 10
