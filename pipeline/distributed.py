@@ -5,7 +5,8 @@ Which backend runs is decided by the accelerate config the stage was launched wi
 `accelerate_config.yaml` for 8 GPUs), never by model or training code. This module only adapts the
 pieces that must agree with the recipe:
 
-* CPU: gloo process group (without it every DeepSpeed rank thinks it is alone), fp32.
+* CPU: gloo process group (without it every DeepSpeed rank thinks it is alone), fp32, and a
+  heap that keeps freed memory (`keep_freed_memory`).
 * CUDA: bf16 unless the accelerate config names another mixed precision.
 * DeepSpeed: micro batch size, gradient accumulation and gradient clipping come from the recipe;
   a different explicit value in the accelerate config is overridden with a warning, so the loss
@@ -36,6 +37,28 @@ def _launched_distributed() -> bool:
     return "WORLD_SIZE" in os.environ or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
 
 
+# glibc mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory in the heap instead of handing it back to the kernel.
+
+    With the defaults, each step's activations and logits (MBs each) are served by fresh mmaps or
+    a heap that is trimmed when they are freed, so every step page-faults its memory in again.
+    The cost is that the process's resident size stays at its peak. Blocks above 32 MB (glibc's
+    own ceiling for the threshold) are still mmapped. Returns whether it applied (not glibc:
+    nothing happens).
+    """
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1)) and bool(mallopt(M_MMAP_THRESHOLD, 32 * 1024 * 1024))
+
+
 def make_accelerator(
     grad_accum_steps: int,
     log_dir: Path | None,
@@ -55,6 +78,7 @@ def make_accelerator(
         # the accelerate config (ACCELERATE_MIXED_PRECISION) wins; bf16 otherwise
         mixed = os.environ.get("ACCELERATE_MIXED_PRECISION") or "bf16"
     else:
+        keep_freed_memory()
         if _launched_distributed():
             handlers.append(InitProcessGroupKwargs(backend="gloo"))
         mixed = "no"  # bf16 autocast on CPU is slow and changes the numbers tests compare

@@ -355,3 +355,44 @@ def test_bad_values_fail_before_training_naming_the_key(packed, tmp_path, capsys
     assert code == 1 and "model.max_seq_len" in err and "32" in err
     assert not (tmp_path / "run" / ".work" / "pretrain" / "checkpoints").exists()
     assert not (tmp_path / "run" / "pretrain").exists()
+
+
+# page faults per training step of a model whose logits (8 x 64 x 2048 floats = 4 MB) glibc serves
+# from memory it hands back to the kernel after every step unless told to keep it
+HEAP_PROBE = r"""
+import resource, sys, torch
+torch.set_num_threads(1)
+from pipeline import distributed, models
+from pipeline.settings import ModelSettings
+if sys.argv[1] == "keep":
+    assert distributed.keep_freed_memory(), "mallopt was refused"
+settings = ModelSettings(family="dense", size="tiny", n_layers=1, d_model=32, n_heads=2, n_kv_heads=2, ffn_dim=64,
+                         max_seq_len=64)
+torch.manual_seed(0)
+model = models.build_model(settings, 2048, 1, 2, 0)
+batch = {"input_ids": torch.randint(3, 2048, (8, 65))}
+def step():
+    loss, _ = models.causal_lm_loss(model, batch, settings)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+for _ in range(3):
+    step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    step()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_cpu_training_steps_stop_page_faulting_their_memory_back_in():
+    def faults_per_step(mode: str) -> float:
+        out = subprocess.run([sys.executable, "-c", HEAP_PROBE, mode], capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert out.returncode == 0, out.stderr
+        return float(out.stdout.split()[-1])
+
+    default, kept = faults_per_step("default"), faults_per_step("keep")
+    if default < 250:  # a quarter of the logits' 1000 pages: this malloc keeps its memory anyway
+        pytest.skip(f"the default allocator page-faults only {default} times per step here")
+    assert kept * 4 < default, (kept, default)
