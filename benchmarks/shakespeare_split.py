@@ -21,7 +21,7 @@ DEFAULT_OUT = REPO / "runs" / "bench_shakespeare" / "data"
 
 
 def write_split(text_path: Path = DEFAULT_TEXT, out: Path = DEFAULT_OUT) -> Path:
-    """Write the 90/10 split to `out` (replacing it) and return `out`."""
+    """Write the 90/10 split to `out` (unless it already holds exactly that) and return `out`."""
     import datasets
 
     text = Path(text_path).read_text(encoding="utf-8")
@@ -32,8 +32,21 @@ def write_split(text_path: Path = DEFAULT_TEXT, out: Path = DEFAULT_OUT) -> Path
         "validation": datasets.Dataset.from_dict({"text": [text[cut:]]}),
     })
     out = Path(out)
+    if _holds(out, data):  # rewriting changes the folder's fingerprint under a run already using it
+        return out
     data.save_to_disk(str(out))
     return out
+
+
+def _holds(folder: Path, data) -> bool:
+    """Whether `folder` is a saved split with exactly `data`'s texts."""
+    import datasets
+
+    try:
+        saved = datasets.load_from_disk(str(folder))
+    except (FileNotFoundError, ValueError):
+        return False
+    return set(saved) == set(data) and all(saved[k]["text"] == data[k]["text"] for k in data)
 
 
 def main() -> None:

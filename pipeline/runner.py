@@ -30,6 +30,7 @@ class PlannedStage:
     reason: str
     command: list[str]
     num_processes: int
+    inputs: dict[str, str]  # input name -> its fingerprint when planned
 
 
 def stage_command(recipe: Recipe, name: str) -> list[str]:
@@ -73,8 +74,17 @@ def plan(recipe: Recipe, only: list[str] | None = None, force: list[str] | None 
         if status == "run":
             reruns.add(name)
         launch = recipe.settings[name].launch
-        out.append(PlannedStage(name, fp, upstream, status, reason, stage_command(recipe, name), launch.num_processes))
+        out.append(PlannedStage(name, fp, upstream, status, reason, stage_command(recipe, name), launch.num_processes,
+                                planned[name][1]))
     return out
+
+
+def changed_inputs(stage: PlannedStage, manifest: dict) -> str:
+    """The inputs whose fingerprint in `manifest` differs from the plan's, as `name (path)`."""
+    published = manifest.get("inputs", {})
+    changed = [f"input {k} ({published[k].get('path') or published[k].get('spec')})" for k, fp in stage.inputs.items()
+               if k in published and published[k].get("fingerprint") != fp]
+    return ", ".join(changed) or "its settings or inputs"
 
 
 def format_plan(recipe: Recipe, stages: list[PlannedStage]) -> str:
@@ -126,8 +136,13 @@ def run(recipe: Recipe, only: list[str] | None = None, force: list[str] | None =
                   f"its work folder {recipe.run_path / '.work' / s.name} too (a re-run resumes)", file=sys.stderr)
             return code if code > 0 else 1
         manifest = artifacts.read_manifest(recipe.stage_dir(s.name))
-        if manifest is None or manifest["fingerprint"] != s.fingerprint:
+        if manifest is None:
             print(f"error: stage {s.name} exited 0 but published no complete manifest", file=sys.stderr)
+            return 1
+        if manifest["fingerprint"] != s.fingerprint:
+            print(f"error: stage {s.name}: {changed_inputs(s, manifest)} changed while the pipeline ran (planned "
+                  f"fingerprint {s.fingerprint}, published {manifest['fingerprint']}); its outputs describe the new "
+                  f"state and are kept, run again to bring the later stages up to date", file=sys.stderr)
             return 1
         print(f"[pipeline] {s.name}: done in {time.time() - start:.1f} s", flush=True)
     if (code := push_outputs(recipe, [s.name for s in stages if s.status != "skip"])) != 0:

@@ -170,6 +170,25 @@ def test_saved_dataset_input_keeps_its_fingerprint_when_datasets_caches_beside_i
     assert path_fingerprint(folder) != before
 
 
+def test_an_input_rewritten_while_the_run_goes_on_fails_it_naming_the_input(recipe, corpus, tmp_path):
+    """The plan fingerprints the corpus; if it changes before a stage reads it, that stage's outputs
+    describe other data than planned: the run stops naming the input, and a re-run completes."""
+    path = recipe()
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(path)], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout:
+        if "$ python -m stages.tokenizer" in line:
+            with open(corpus, "a") as f:
+                f.write("\n\nanother paragraph appended by someone else")
+            break
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, err
+    assert f"input corpus ({corpus}) changed while the pipeline ran" in err
+    again = run_cli("pipeline", "run", str(path))
+    assert again.returncode == 0, again.stderr
+    assert plan_status(path) == {"tokenizer": "done", "prepare": "done"}
+
+
 def test_forked_stages_match_fresh_processes(recipe, tmp_path):
     """Stages forked from a runner that already imported the libraries produce what fresh processes do."""
     import datasets
