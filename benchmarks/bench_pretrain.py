@@ -205,24 +205,72 @@ def report(s: dict, load_before: str, load_after: str) -> str:
 
 
 def reference_step_speed(threads: int | None, steps: int = 30) -> dict:
-    """Training tokens/s, measured in this process under the current load, of a nanoGPT model at its
-    CPU shape (GPT: LayerNorm, GELU MLP 4x, learned positions, tied head; block 64, batch 12) and of
-    our model at the same shape (pipeline.models: Llama), each with nanoGPT's 65-character and our
-    1024-token vocabulary, AdamW as each ships it on CPU (nanoGPT: torch's default loop; ours: the
-    training loop's fused kernel), the same thread count, eager and under torch.compile (nanoGPT's CPU
-    recipe runs eager; ours compiles with the recipe key `compile: true`). Compares step speed on one
-    machine at one moment (target c), separates the vocabulary's cost from the architecture's, and
-    reports training FLOPs per token (6 x matmul parameters + attention, PaLM's count) so the achieved
-    FLOP/s of the two can be compared."""
+    """Training tokens/s, measured under the current load, of a nanoGPT model at its CPU shape (GPT:
+    LayerNorm, GELU MLP 4x, learned positions, tied head; block 64, batch 12) and of our model at the
+    same shape (pipeline.models: Llama), each with nanoGPT's 65-character and our 1024-token
+    vocabulary, AdamW as each ships it on CPU (nanoGPT: torch's default loop; ours: the training loop's
+    fused kernel), the same thread count, eager and under torch.compile (nanoGPT's CPU recipe runs
+    eager; ours compiles with the recipe key `compile: true`). Compares step speed on one machine at
+    one moment (target c), separates the vocabulary's cost from the architecture's, and reports
+    training FLOPs per token (6 x matmul parameters + attention, PaLM's count) so the achieved FLOP/s
+    of the two can be compared.
+
+    Each side runs in a process of its own, set up as it ships: ours with the heap setting every CPU
+    stage applies (pipeline.distributed.keep_freed_memory), nanoGPT's with the default allocator. The
+    two processes take turns (one variant timed at a time, interleaved over 5 rounds, medians), so a
+    load change mid-run hits every variant alike."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    workers = {}
+    for side in ("nanogpt", "ours"):
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_step_timer, args=(side, threads, steps, child), daemon=True)
+        proc.start()
+        workers[side] = (proc, parent)
+    flops: dict[str, float] = {}
+    names: dict[str, str] = {}  # variant -> side
+    used_threads = None
+    for side, (_, conn) in workers.items():
+        info = conn.recv()  # after the worker built (and compiled) its variants
+        flops.update(info["flops"])
+        names.update({name: side for name in info["variants"]})
+        used_threads = info["threads"]
+    out = {"threads": used_threads, "load_before": load_average()}
+    rounds: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(5):
+        for name, side in names.items():
+            conn = workers[side][1]
+            conn.send(name)
+            rounds[name].append(conn.recv())
+    for proc, conn in workers.values():
+        conn.send(None)
+        proc.join()
+    for name, values in rounds.items():
+        out[f"{name}_tokens_per_s"] = round(sorted(values)[2])
+    base = out["nanogpt_v65_tokens_per_s"]
+    out["over_nanogpt_v65"] = {name: round(out[f"{name}_tokens_per_s"] / base, 2) for name in names}
+    out["flops_per_token"] = {name: round(f) for name, f in flops.items()}
+    out["flop_ratio_vs_nanogpt_v65"] = {name: round(flops["nanogpt_v65"] / f, 2) for name, f in flops.items()}
+    out["achieved_gflops"] = {name: round(out[f"{name}_tokens_per_s"] * flops[name.removesuffix("_compiled")] / 1e9, 1)
+                              for name in names}
+    out["load_after"] = load_average()
+    return out
+
+
+def _step_timer(side: str, threads: int | None, steps: int, conn) -> None:
+    """Worker of reference_step_speed: builds one side's variants, then times the one asked for."""
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
 
-    from pipeline import models, training
+    from pipeline import distributed, models, training
     from pipeline.settings import ModelSettings, TrainSettings
 
     if threads:
         torch.set_num_threads(threads)
+    if side == "ours":
+        distributed.keep_freed_memory()  # as make_accelerator does in every CPU stage
     B, T, L, D, H = 12, 64, 4, 128, 4
     FFN = 344  # SwiGLU width with nanoGPT's MLP parameters and FLOPs (3 x 128 x 344 ~ 2 x 128 x 512)
 
@@ -252,14 +300,6 @@ def reference_step_speed(threads: int | None, steps: int = 30) -> dict:
             for block in self.blocks:
                 x = block(x)
             return self.head(self.ln(x))
-
-    def timed(step) -> float:
-        for _ in range(3):
-            step()
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        return B * T * steps / (time.perf_counter() - start)
 
     flops: dict[str, float] = {}
 
@@ -293,28 +333,24 @@ def reference_step_speed(threads: int | None, steps: int = 30) -> dict:
             opt.zero_grad(set_to_none=True)
         return step
 
-    out = {"threads": torch.get_num_threads(), "load_before": load_average()}
-    # nanoGPT as its CPU recipe runs it (eager) and compiled; ours at the smallest byte-level BPE (300,
-    # about nanoGPT's characters per token) and at 1024, eager and compiled (`compile: true`)
-    variants = {"nanogpt_v65": lambda: nanogpt(65), "nanogpt_v65_compiled": lambda: nanogpt(65, True),
-                "ours_v300": lambda: ours(300), "ours_v300_compiled": lambda: ours(300, True),
-                "ours_v1024": lambda: ours(1024), "ours_v1024_compiled": lambda: ours(1024, True),
-                "nanogpt_v1024": lambda: nanogpt(1024)}
-    steps_made = {name: make() for name, make in variants.items()}  # compiled once, timed every round
-    rounds: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(5):  # interleaved rounds, median: a load change mid-run hits every variant alike
-        for name, step in steps_made.items():
-            rounds[name].append(timed(step))
-    for name, values in rounds.items():
-        out[f"{name}_tokens_per_s"] = round(sorted(values)[2])
-    base = out["nanogpt_v65_tokens_per_s"]
-    out["over_nanogpt_v65"] = {name: round(out[f"{name}_tokens_per_s"] / base, 2) for name in variants}
-    out["flops_per_token"] = {name: round(f) for name, f in flops.items()}
-    out["flop_ratio_vs_nanogpt_v65"] = {name: round(flops["nanogpt_v65"] / f, 2) for name, f in flops.items()}
-    out["achieved_gflops"] = {name: round(out[f"{name}_tokens_per_s"] * flops[name.removesuffix("_compiled")] / 1e9, 1)
-                              for name in variants}
-    out["load_after"] = load_average()
-    return out
+    # nanoGPT as its CPU recipe runs it (eager) and compiled, and at our 1024 vocabulary; ours at the
+    # smallest byte-level BPE (300, about nanoGPT's characters per token) and at 1024, eager and compiled
+    variants = ({"nanogpt_v65": lambda: nanogpt(65), "nanogpt_v65_compiled": lambda: nanogpt(65, True),
+                 "nanogpt_v1024": lambda: nanogpt(1024)} if side == "nanogpt" else
+                {"ours_v300": lambda: ours(300), "ours_v300_compiled": lambda: ours(300, True),
+                 "ours_v1024": lambda: ours(1024), "ours_v1024_compiled": lambda: ours(1024, True)})
+    made = {name: make() for name, make in variants.items()}
+    for step in made.values():  # warm up (and compile) before the clock runs anywhere
+        for _ in range(3):
+            step()
+    conn.send({"flops": flops, "variants": list(made), "threads": torch.get_num_threads()})
+    while (name := conn.recv()) is not None:
+        for _ in range(3):
+            made[name]()
+        start = time.perf_counter()
+        for _ in range(steps):
+            made[name]()
+        conn.send(B * T * steps / (time.perf_counter() - start))
 
 
 def main() -> None:

@@ -116,7 +116,8 @@ class TrainSettings:
     grad_clip: float = 1.0
     eval_every: int = 50
     # steps between validation evaluations (and a final one at the end)
-    eval_batches: int = 8
+    eval_batches: int | None = 8
+    # validation micro batches per evaluation (per process); null: the whole validation split
     save_every: int = 50
     # steps between resumable checkpoints (accelerate save_state)
     keep_checkpoints: int = 2

@@ -473,9 +473,18 @@ def train(
 
 # --- evaluation for language models ---
 
-def make_lm_evaluator(accelerator, val_data, collate, micro_batch_size: int, max_batches: int,
+def eval_shard(accelerator, available: int, micro_batch_size: int, max_batches: int | None) -> tuple[list[int], int]:
+    """(this rank's example indices, batches every rank runs) for an evaluation over the first
+    max_batches*micro_batch_size*processes of `available` examples (max_batches None: all of them)."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    n = available if max_batches is None else min(available, max_batches * micro_batch_size * world)
+    return list(range(rank, n, world)), math.ceil(math.ceil(n / world) / micro_batch_size)
+
+
+def make_lm_evaluator(accelerator, val_data, collate, micro_batch_size: int, max_batches: int | None,
                       byte_lengths: torch.Tensor | None = None) -> Callable[[Any], dict[str, float]]:
-    """`evaluate(model) -> {'val_loss', 'val_bpb'}` over the first max_batches*mbs*processes blocks.
+    """`evaluate(model) -> {'val_loss', 'val_bpb'}` over the first max_batches*mbs*processes blocks
+    (max_batches None: the whole validation split).
 
     val_loss: mean CE (nats) per target token. val_bpb: CE summed over targets that stand for text
     (byte length > 0), / ln 2, / their bytes (pipeline.packing.token_byte_lengths). Every rank runs
@@ -484,12 +493,9 @@ def make_lm_evaluator(accelerator, val_data, collate, micro_batch_size: int, max
     """
     import torch.nn.functional as F
 
-    world, rank = accelerator.num_processes, accelerator.process_index
-    n = min(len(val_data), max_batches * micro_batch_size * world)
-    if n == 0:
+    if len(val_data) == 0:
         raise ValueError("validation data is empty: not even one block; use a smaller block_size or more text")
-    mine = list(range(rank, n, world))
-    n_batches = math.ceil(math.ceil(n / world) / micro_batch_size)
+    mine, n_batches = eval_shard(accelerator, len(val_data), micro_batch_size, max_batches)
     lengths = None if byte_lengths is None else byte_lengths.to(accelerator.device)
 
     @torch.no_grad()

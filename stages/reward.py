@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 
 import torch
 import torch.nn.functional as F
@@ -73,12 +72,11 @@ def bradley_terry_loss(model, batch: dict, use_margin: bool) -> tuple[torch.Tens
     return loss, {"accuracy": accuracy.detach(), "reward_mean": r.mean().detach()}
 
 
-def make_reward_evaluator(accelerator, groups: list[dict], pad_id: int, micro_batch_size: int, max_batches: int):
+def make_reward_evaluator(accelerator, groups: list[dict], pad_id: int, micro_batch_size: int, max_batches: int | None):
     """Held-out pairwise accuracy (every pair counts once) and the mean/std of all held-out scores."""
-    world, rank = accelerator.num_processes, accelerator.process_index
-    n = min(len(groups), max_batches * micro_batch_size * world)
-    mine = list(range(rank, n, world))
-    n_batches = math.ceil(math.ceil(n / world) / micro_batch_size)
+    from pipeline.training import eval_shard
+
+    mine, n_batches = eval_shard(accelerator, len(groups), micro_batch_size, max_batches)
 
     def evaluate(model) -> dict[str, float]:
         sums = torch.zeros(6, dtype=torch.float64, device=accelerator.device)  # correct, pairs, s, s², n, loss

@@ -16,7 +16,6 @@ transformers' own: `apply_chat_template(..., return_assistant_tokens_mask=True)`
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 
@@ -38,12 +37,11 @@ def encode_split(part, tokenizer, s) -> list[dict]:
     return chat_data.pack_rows(rows, s.max_length) if s.packing else rows
 
 
-def make_masked_evaluator(accelerator, rows: list[dict], collate, micro_batch_size: int, max_batches: int):
+def make_masked_evaluator(accelerator, rows: list[dict], collate, micro_batch_size: int, max_batches: int | None):
     """Mean cross-entropy over assistant tokens of the validation conversations (every rank, same steps)."""
-    world, rank = accelerator.num_processes, accelerator.process_index
-    n = min(len(rows), max_batches * micro_batch_size * world)
-    mine = list(range(rank, n, world))
-    n_batches = math.ceil(math.ceil(n / world) / micro_batch_size)
+    from pipeline.training import eval_shard
+
+    mine, n_batches = eval_shard(accelerator, len(rows), micro_batch_size, max_batches)
 
     def evaluate(model) -> dict[str, float]:
         sums = torch.zeros(2, dtype=torch.float64, device=accelerator.device)

@@ -226,6 +226,10 @@ def test_bits_per_byte_counts_text_bytes_only(packed):
     assert result["val_loss"] == pytest.approx(ce.mean().item(), rel=1e-5)
     bpb = ce[text].sum().item() / math.log(2) / lengths[targets.flatten()].sum().item()
     assert result["val_bpb"] == pytest.approx(bpb, rel=1e-5)
+    # eval_batches: null evaluates the whole split
+    whole = training.make_lm_evaluator(accelerator, val_data, collate_blocks, 4, None, lengths)(model)
+    enough = training.make_lm_evaluator(accelerator, val_data, collate_blocks, 4, -(-len(val_data) // 4), lengths)(model)
+    assert len(val_data) > 8 and whole == pytest.approx(enough) and whole["val_loss"] != result["val_loss"]
 
 
 def test_export_reloads_in_fresh_process_with_identical_logits(packed, tmp_path):
