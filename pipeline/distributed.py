@@ -45,8 +45,9 @@ def keep_freed_memory() -> bool:
     """Make glibc keep freed memory in the heap instead of handing it back to the kernel.
 
     With the defaults, each step's activations and logits (MBs each) are served by fresh mmaps or
-    a heap that is trimmed when they are freed, so every step page-faults its memory in again.
-    The cost is that the process's resident size stays at its peak. Blocks above 32 MB (glibc's
+    a heap that is trimmed when they are freed, so every step page-faults its memory in again
+    (a 2 x 160 Llama on 1536 tokens: ~4,000 faults and ~5% of each step in the pipeline, 12-20% in
+    a bare process). The cost is that the process's resident size stays at its peak. Blocks above 32 MB (glibc's
     own ceiling for the threshold) are still mmapped. Returns whether it applied (not glibc:
     nothing happens).
     """
