@@ -379,11 +379,13 @@ def train(
     budget = settings.max_train_seconds
     seconds_before = state.train_seconds
 
-    def spent() -> float:  # rank 0's clock, so that every rank stops at the same step
-        local = torch.tensor(seconds_before + time.time() - t_session, dtype=torch.float64, device=accelerator.device)
-        return float(broadcast(local, from_process=0)) if world > 1 else float(local)
+    def budget_fraction() -> float:  # of rank 0's clock, so that every rank stops at the same step
+        if not budget:
+            return 0.0
+        local = torch.tensor(state.train_seconds, dtype=torch.float64, device=accelerator.device)
+        return (float(broadcast(local, from_process=0)) if world > 1 else state.train_seconds) / budget
 
-    time_fraction = spent() / budget if budget else 0.0
+    time_fraction = budget_fraction()
     out_of_time = time_fraction >= 1
     while state.step < settings.max_steps and not out_of_time:
         step = state.step
@@ -424,7 +426,7 @@ def train(
         tokens = int(accelerator.reduce(torch.tensor(step_tokens, device=accelerator.device), "sum"))
         state.step, state.tokens = step + 1, state.tokens + tokens
         state.train_seconds = seconds_before + time.time() - t_session
-        time_fraction = spent() / budget if budget else 0.0
+        time_fraction = budget_fraction()
         out_of_time = time_fraction >= 1
         last = state.step == settings.max_steps or out_of_time
         loss_value = float(step_loss)
