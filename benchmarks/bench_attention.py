@@ -32,13 +32,13 @@ def main(argv=None) -> int:
 
     if not torch.cuda.is_available():
         print("bench_attention: no CUDA GPU on this machine; nothing to measure (the kernels are verified on "
-              "CPU by the Triton interpreter tests, and compiled for sm_80/sm_90 by `python -m kernels.aot`).")
+              "CPU by the Triton interpreter tests, and compiled for sm_80/sm_90 by `python -m pipeline_kernels.aot`).")
         return 0
 
     import triton.testing
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from kernels.flash_attention import flash_attention
+    from pipeline_kernels.flash_attention import flash_attention
 
     try:
         from flash_attn import flash_attn_func  # type: ignore

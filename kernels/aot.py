@@ -1,10 +1,10 @@
 """Ahead-of-time compilation of every flash-attention kernel for real GPUs, without a GPU.
 
-``python -m kernels.aot [--archs 80 90] [--dtypes fp16 bf16] [--head-dims 64 128] [--out DIR]``
+``python -m pipeline_kernels.aot [--archs 80 90] [--dtypes fp16 bf16] [--head-dims 64 128] [--out DIR]``
 
 For each architecture x dtype x head dim x kernel (fwd, bwd_preprocess, bwd_dkdv, bwd_dq) x variant it
 runs the full Triton pipeline (TTIR -> TTGIR -> LLVM -> PTX -> ptxas cubin) with the exact block sizes,
-warps and stages :func:`kernels.flash_attention.block_config` uses at run time. This catches the rules
+warps and stages :func:`pipeline_kernels.flash_attention.block_config` uses at run time. This catches the rules
 the interpreter does not enforce (``tl.dot`` operand shapes >= 16, layouts, register/shared-memory
 limits). Shared memory is checked against the architecture's per-block limit and, when the shipped
 ``cuobjdump`` is available, register use and spills are read from the cubin and reported.

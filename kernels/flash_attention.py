@@ -542,7 +542,7 @@ def block_config(kernel: str, head_dim: int, dtype: torch.dtype | None = None, i
     """Block sizes / warps / stages of one kernel.
 
     A small static table (no autotuning, so that the exact same configurations are compiled ahead of
-    time by :mod:`kernels.aot`). The interpreter gets big 64x64 tiles because it is per-program slow.
+    time by :mod:`pipeline_kernels.aot`). The interpreter gets big 64x64 tiles because it is per-program slow.
     ``dtype`` and ``capability`` are accepted so that the table can be refined per dtype/arch once it has
     been measured on a GPU; today fp16 and bf16 share the same entries.
     """
@@ -690,7 +690,7 @@ def _check_device(*ts):
         if not interp and t.device.type != "cuda":
             raise RuntimeError(
                 "Triton flash attention needs CUDA tensors (or TRITON_INTERPRET=1 set before importing "
-                "kernels.flash_attention for the slow CPU interpreter)")
+                "pipeline_kernels.flash_attention for the slow CPU interpreter)")
 
 
 class FlashAttentionFunction(torch.autograd.Function):

@@ -2,7 +2,7 @@
 
 Usage::
 
-    from kernels.transformers_attention import register, resolve_attention
+    from pipeline_kernels.transformers_attention import register, resolve_attention
     name = resolve_attention("auto", device)           # "pipeline_triton" on CUDA, "sdpa" on CPU
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation=name)
 
@@ -73,7 +73,7 @@ def resolve_attention(choice: str, device) -> str:
 
     * ``auto``: our Triton kernel on CUDA devices, ``"sdpa"`` elsewhere.
     * ``triton``: always ours; on a non-CUDA device only when the kernels run under the Triton
-      interpreter (``TRITON_INTERPRET=1`` set before ``kernels.flash_attention`` was imported).
+      interpreter (``TRITON_INTERPRET=1`` set before ``pipeline_kernels.flash_attention`` was imported).
     * ``sdpa`` / ``eager``: passed through.
     """
     choice = (choice or "auto").lower()
@@ -93,7 +93,7 @@ def resolve_attention(choice: str, device) -> str:
             return register()
         raise RuntimeError(
             f"attention=triton needs a CUDA device (got {dev}). On CPU it only runs under the Triton "
-            "interpreter: set TRITON_INTERPRET=1 before anything imports kernels.flash_attention "
+            "interpreter: set TRITON_INTERPRET=1 before anything imports pipeline_kernels.flash_attention "
             "(very slow; meant for tests). Use attention=auto or sdpa instead.")
     raise ValueError(f"unknown attention choice {choice!r}: expected auto, triton or sdpa")
 

@@ -73,7 +73,7 @@ def attn_implementation(choice: str, device=None) -> str:
     """The transformers `attn_implementation` name for a ModelSettings.attention choice.
 
     sdpa/eager pass through; auto is our Triton kernel on CUDA and SDPA elsewhere; triton is our
-    kernel (kernels.transformers_attention decides where it can run).
+    kernel (pipeline_kernels.transformers_attention decides where it can run).
     """
     if choice in ("sdpa", "eager"):
         return choice
@@ -83,12 +83,9 @@ def attn_implementation(choice: str, device=None) -> str:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if choice == "auto" and torch.device(device).type != "cuda":
         return "sdpa"
-    try:
-        from kernels.transformers_attention import resolve_attention
-    except ImportError as e:
-        if choice == "triton":
-            raise RuntimeError(f"attention: triton requested but kernels.transformers_attention is unavailable ({e})") from e
-        return "sdpa"
+    # Imported here, not at the top: it decorates the Triton kernels, and TRITON_INTERPRET must be set first.
+    from pipeline_kernels.transformers_attention import resolve_attention
+
     return resolve_attention(choice, device)
 
 

@@ -1,7 +1,7 @@
 """Triton FlashAttention-2 vs a float64 plain-torch reference.
 
 On machines without CUDA the kernels run under the Triton interpreter: TRITON_INTERPRET must be set
-before ``kernels.flash_attention`` is imported (``import torch`` does not import triton).
+before ``pipeline_kernels.flash_attention`` is imported (``import torch`` does not import triton).
 """
 
 import os
@@ -15,12 +15,12 @@ import math  # noqa: E402
 
 import pytest  # noqa: E402
 
-from kernels import flash_attention as fa  # noqa: E402
+from pipeline_kernels import flash_attention as fa  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 if DEVICE == "cpu" and not fa.is_interpreting():
-    pytest.skip("kernels.flash_attention was imported before TRITON_INTERPRET=1 was set (see conftest note "
+    pytest.skip("pipeline_kernels.flash_attention was imported before TRITON_INTERPRET=1 was set (see conftest note "
                 "in docs/kernels.md)", allow_module_level=True)
 
 # (output, gradient) tolerances relative to max(1, max |reference|)

@@ -2,7 +2,7 @@
 
 The interpreter accepts programs a GPU compiler rejects (tl.dot operand shapes, layouts, shared memory
 limits); this compiles the exact launch configurations to cubins with the ptxas shipped in the triton
-wheel. It runs `python -m kernels.aot` in a subprocess without TRITON_INTERPRET (the interpreter
+wheel. It runs `python -m pipeline_kernels.aot` in a subprocess without TRITON_INTERPRET (the interpreter
 replaces @triton.jit functions at decoration time).
 """
 
@@ -23,7 +23,7 @@ def run_aot(tmp_path, *args, timeout=900):
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     tmp_path.mkdir(parents=True, exist_ok=True)
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton_cache")  # really compile, never reuse a cache
-    r = subprocess.run([sys.executable, "-m", "kernels.aot", "--out", str(tmp_path / "out"), "--jobs", "2", *args],
+    r = subprocess.run([sys.executable, "-m", "pipeline_kernels.aot", "--out", str(tmp_path / "out"), "--jobs", "2", *args],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     manifest = tmp_path / "out" / "manifest.json"
     records = json.loads(manifest.read_text()) if manifest.exists() else []

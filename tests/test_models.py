@@ -126,8 +126,8 @@ def test_config_matches_settings_and_loads_without_remote_code(tmp_path):
 
 
 def test_triton_attention_gives_sdpa_logits_on_packed_blocks():
-    pytest.importorskip("kernels.transformers_attention")
-    from kernels import flash_attention
+    pytest.importorskip("pipeline_kernels.transformers_attention")
+    from pipeline_kernels import flash_attention
 
     if not torch.cuda.is_available() and not flash_attention.is_interpreting():
         pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1 (set by conftest before the first import)")
