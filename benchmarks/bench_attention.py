@@ -62,13 +62,13 @@ def main(argv=None) -> int:
             do = torch.randn(B, H, T, D, device=dev, dtype=dtype)
             flops_fwd = 4.0 * B * H * T * T * D * (0.5 if causal else 1.0)
 
-            def ours():
+            def ours(q=q, k=k, v=v):
                 return flash_attention(q, k, v, causal=causal)
 
-            def sdpa():
+            def sdpa(q=q, k=k, v=v, gqa=HKV != H):
                 with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                     return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal,
-                                                                            enable_gqa=HKV != H)
+                                                                            enable_gqa=gqa)
 
             providers = {"triton (ours)": ours, "torch sdpa flash": sdpa}
             if flash_attn_func is not None:
@@ -94,7 +94,7 @@ def main(argv=None) -> int:
                     g = dot_ if name == "flash_attn" else do
                     t_fwd = triton.testing.do_bench(fn)
                     o = fn()
-                    t_bwd = triton.testing.do_bench(lambda: o.backward(g, retain_graph=True))
+                    t_bwd = triton.testing.do_bench(lambda o=o, g=g: o.backward(g, retain_graph=True))
                     row = dict(provider=name, head_dim=D, seqlen=T, batch=B, heads=H, kv_heads=HKV,
                                fwd_ms=t_fwd, bwd_ms=t_bwd, fwd_tflops=flops_fwd / t_fwd * 1e-9,
                                bwd_tflops=2.5 * flops_fwd / t_bwd * 1e-9, max_abs_diff_vs_ours=err)

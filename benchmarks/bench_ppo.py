@@ -1,4 +1,4 @@
-"""PPO throughput and reward gain: our pipeline.ppo_trainer.PPOTrainer against TRL 1.12's
+"""PPO throughput and reward gain: our pipeline.rl.ppo_trainer.PPOTrainer against TRL 1.12's
 trl.experimental.ppo.PPOTrainer on identical tiny models, prompts and settings (CPU, one thread).
 
 TRL's PPOTrainer was removed after 1.12, so the TRL side runs under a separate virtual environment:
@@ -226,8 +226,8 @@ def run_ours(args) -> dict:
     sys.path.insert(0, str(REPO))
     from accelerate import Accelerator
 
-    from pipeline.ppo_rollout import reward_model_scores
-    from pipeline.ppo_trainer import PPOSettings, PPOTrainer
+    from pipeline.rl.ppo_trainer import PPOSettings, PPOTrainer
+    from pipeline.rl.rollout import reward_model_scores
 
     t_load = time.perf_counter()
     tokenizer, policy, ref, value, reward, prompts = _load_common(Path(args.checkpoint), args.attn)

@@ -26,7 +26,7 @@ than under-counts. An evaluation's time includes the evaluation itself.
 
 Validation bits per byte is tokenizer independent: the summed cross-entropy (nats) of every
 validation target that stands for text, / ln 2, / the UTF-8 bytes of those targets
-(pipeline.training.make_lm_evaluator; BOS/EOS count 0 bytes and are left out). The text is ASCII,
+(pipeline.train.loop.make_lm_evaluator; BOS/EOS count 0 bytes and are left out). The text is ASCII,
 so nanoGPT's nats per character / ln 2 is the same unit.
 
 Environment: `HF_DATASETS_IN_MEMORY_MAX_SIZE` is set so that `datasets` keeps the 1 MB split in memory;
@@ -207,7 +207,7 @@ def report(s: dict, load_before: str, load_after: str) -> str:
 def reference_step_speed(threads: int | None, steps: int = 30) -> dict:
     """Training tokens/s, measured under the current load, of a nanoGPT model at its CPU shape (GPT:
     LayerNorm, GELU MLP 4x, learned positions, tied head; block 64, batch 12) and of our model at the
-    same shape (pipeline.models: Llama), each with nanoGPT's 65-character and our 1024-token
+    same shape (pipeline.train.models: Llama), each with nanoGPT's 65-character and our 1024-token
     vocabulary, AdamW as each ships it on CPU (nanoGPT: torch's default loop; ours: the training loop's
     fused kernel), the same thread count, eager and under torch.compile (nanoGPT's CPU recipe runs
     eager; ours compiles with the recipe key `compile: true`). Compares step speed on one machine at
@@ -216,7 +216,7 @@ def reference_step_speed(threads: int | None, steps: int = 30) -> dict:
     of the two can be compared.
 
     Each side runs in a process of its own, set up as it ships: ours with the heap setting every CPU
-    stage applies (pipeline.distributed.keep_freed_memory), nanoGPT's with the default allocator. The
+    stage applies (pipeline.train.distributed.keep_freed_memory), nanoGPT's with the default allocator. The
     two processes take turns (one variant timed at a time, interleaved over 5 rounds, medians), so a
     load change mid-run hits every variant alike."""
     import multiprocessing as mp
@@ -264,8 +264,9 @@ def _step_timer(side: str, threads: int | None, steps: int, conn) -> None:
     import torch.nn as nn
     import torch.nn.functional as F
 
-    from pipeline import distributed, models, training
-    from pipeline.settings import ModelSettings, TrainSettings
+    from pipeline.recipe.settings import ModelSettings, TrainSettings
+    from pipeline.train import distributed, models
+    from pipeline.train import loop as training
 
     if threads:
         torch.set_num_threads(threads)

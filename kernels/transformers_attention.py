@@ -31,7 +31,6 @@ documents when it builds the mask (``use_cache=False``), and matching SDPA exact
 
 from __future__ import annotations
 
-import os
 import warnings
 import weakref
 

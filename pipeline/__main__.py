@@ -18,9 +18,9 @@ import sys
 
 import yaml
 
-from pipeline.config import ConfigError, to_dict
-from pipeline.recipe import load_recipe
-from pipeline.runner import format_plan, plan, run
+from pipeline.recipe.config import ConfigError, to_dict
+from pipeline.recipe.schema import load_recipe
+from pipeline.runner.run import format_plan, plan, run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,12 +33,12 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("overrides", nargs="*", help="dotted KEY=VALUE, e.g. stages.pretrain.max_steps=10")
         p.add_argument("--only", action="append", metavar="STAGE", help="run only this stage (repeatable)")
         p.add_argument("--force", action="append", metavar="STAGE", help="re-run this stage even if done")
-    from pipeline.hub import add_push_arguments, cli_push
+    from pipeline.hub.push import add_push_arguments, cli_push
 
     add_push_arguments(sub.add_parser("push", help="upload a published model, tokenizer or dataset to a hub repo"))
     report = sub.add_parser("report", help="(re)write RUN_DIR/report.md and its plots from the published stages")
     report.add_argument("run_dir")
-    from pipeline.labeling import add_label_commands, run_label_command
+    from pipeline.labeling.cli import add_label_commands, run_label_command
 
     add_label_commands(sub)
     args = parser.parse_args(argv)
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "push":
         return cli_push(args)
     if args.command == "report":
-        from pipeline.report import build_report
+        from pipeline.runner.report import build_report
 
         try:
             print(f"wrote {build_report(args.run_dir)}")

@@ -4,7 +4,7 @@
 
 * bits per byte of every causal checkpoint (pretrain, sft, ppo) on the packed validation blocks, and
   of a unigram model of the training blocks (the baseline a language model must beat);
-* the judge (pipeline/instruction_task.py, the programmatic annotator) on SFT and PPO answers to
+* the judge (pipeline/task/instructions.py, the programmatic annotator) on SFT and PPO answers to
   held-out prompts: mean score, pass rate, per-constraint pass rates; PPO-vs-SFT win rate under the
   judge and under the reward model; the reward model's held-out scores, and how often it orders
   two answers as the judge does (split: a constraint differs / only the copied content differs);
@@ -22,10 +22,11 @@ import math
 
 import torch
 
-from pipeline import chat_data
-from pipeline.instruction_task import judge, score_responses
-from pipeline.sources import load_dataset_input, model_path, require_columns
-from pipeline.stage import StageContext, stage_main
+from pipeline.data import chat as chat_data
+from pipeline.data.sources import load_dataset_input, model_path, require_columns
+from pipeline.recipe.stages import EvaluateSettings
+from pipeline.runner.stage import StageContext, stage_main
+from pipeline.task.instructions import judge, score_responses
 
 log = logging.getLogger("pipeline")
 CAUSAL = ("pretrain", "sft", "ppo")
@@ -42,7 +43,7 @@ def load_causal(ctx: StageContext, name: str):
 @torch.no_grad()
 def answer(model, tokenizer, prompts: list[str], s, seed: int) -> list[str]:
     """Batched answers with left padding (greedy, or sampled at s.temperature with a fixed seed)."""
-    from pipeline.ppo_rollout import left_pad
+    from pipeline.rl.rollout import left_pad
 
     torch.manual_seed(seed)
     out: list[str] = []
@@ -60,7 +61,7 @@ def answer(model, tokenizer, prompts: list[str], s, seed: int) -> list[str]:
 
 @torch.no_grad()
 def reward_scores(reward_model, tokenizer, prompts: list[str], responses: list[str], max_length: int = 512) -> list[float]:
-    from pipeline.ppo_rollout import left_pad, reward_model_scores
+    from pipeline.rl.rollout import left_pad, reward_model_scores
 
     out: list[float] = []
     for i in range(0, len(prompts), 32):
@@ -73,8 +74,8 @@ def reward_scores(reward_model, tokenizer, prompts: list[str], responses: list[s
 @torch.no_grad()
 def kl_to_reference(policy, reference, tokenizer, prompts: list[str], s, seed: int) -> float:
     """Monte-Carlo KL(policy || reference) per response, on the policy's own samples at kl_temperature."""
-    from pipeline.ppo_core import masked_mean
-    from pipeline.ppo_rollout import batched_logprobs, generate_responses, left_pad
+    from pipeline.rl.ppo_core import masked_mean
+    from pipeline.rl.rollout import batched_logprobs, generate_responses, left_pad
 
     gen = torch.Generator().manual_seed(seed)
     totals = []
@@ -95,11 +96,11 @@ def kl_to_reference(policy, reference, tokenizer, prompts: list[str], s, seed: i
 def bits_per_byte(models: dict, ctx: StageContext) -> dict[str, float]:
     """Validation bits per byte of each causal checkpoint, and of the unigram baseline (same blocks, same bytes)."""
     import datasets
-
-    from pipeline.distributed import make_accelerator
-    from pipeline.packing import collate_blocks, token_byte_lengths
-    from pipeline.training import make_lm_evaluator
     from transformers import AutoTokenizer
+
+    from pipeline.data.packing import collate_blocks, token_byte_lengths
+    from pipeline.train.distributed import make_accelerator
+    from pipeline.train.loop import make_lm_evaluator
 
     data = datasets.load_from_disk(str(ctx.inputs["data"].path))
     validation = data["validation"].with_format("numpy")
@@ -117,7 +118,7 @@ def bits_per_byte(models: dict, ctx: StageContext) -> dict[str, float]:
 def unigram_bits_per_byte(data, byte_lengths: torch.Tensor, n_blocks: int) -> float:
     """The floor any language model must beat: token frequencies of the training blocks (add-one
     smoothed) scored on the first n_blocks validation blocks, with the byte accounting of
-    pipeline.training.make_lm_evaluator (targets of 0 bytes, BOS/EOS, left out)."""
+    pipeline.train.loop.make_lm_evaluator (targets of 0 bytes, BOS/EOS, left out)."""
     import numpy as np
 
     vocab = len(byte_lengths)
@@ -136,7 +137,7 @@ def reward_judge_agreement(rows: list[dict], a: list[str], b: list[str], rm_a: l
     """How often the reward model orders two answers to one prompt as the judge does (pairs whose judge
     scores differ by more than min_gap), split by what differs: a constraint, or only faithfulness
     (content copied wrong). A reward model blind to one kind lets PPO drift there unpenalised."""
-    from pipeline.instruction_task import grade
+    from pipeline.task.instructions import grade
 
     counts = {"constraints_differ": [0, 0], "faithfulness_only": [0, 0]}
     for row, x, y, rx, ry in zip(rows, a, b, rm_a, rm_b):
@@ -161,7 +162,7 @@ def win_rate(a: list[float], b: list[float]) -> float:
 
 def contamination(ctx: StageContext, rows: list[dict], prompt_data) -> dict:
     """Overlap of the held-out content (the `source` sentence when the prompts have one) with training text."""
-    from pipeline.contamination import contamination_report
+    from pipeline.data.contamination import contamination_report
 
     column = "source" if "source" in prompt_data["train"].column_names else "prompt"
     sources = {"ppo_prompts": list(prompt_data["train"]["prompt"])}
@@ -179,7 +180,7 @@ def contamination(ctx: StageContext, rows: list[dict], prompt_data) -> dict:
     return report
 
 
-def run(ctx: StageContext) -> None:
+def run(ctx: StageContext[EvaluateSettings]) -> None:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     s = ctx.settings

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import logging
 
-from pipeline import instruction_task as task
-from pipeline.stage import StageContext, stage_main
+from pipeline.recipe.stages import InstructionsSettings
+from pipeline.runner.stage import StageContext, stage_main
+from pipeline.task import instructions as task
 
 log = logging.getLogger("pipeline")
 
 
-def run(ctx: StageContext) -> None:
+def run(ctx: StageContext[InstructionsSettings]) -> None:
     s = ctx.settings
     built = {
         "sft": task.build_sft_dataset(s.sft_train, s.sft_eval, ctx.seed),

@@ -9,7 +9,7 @@ optionally `value` (default: the reward model, as InstructGPT does) and `referen
 starting checkpoint). Works on any such folders, so a recipe holding only this stage runs on models
 trained elsewhere. Outputs: `model/` (the policy, loads with AutoModelForCausalLM) and `value/`.
 
-The algorithm is pipeline/ppo_trainer.py; this module adds the loop: prompts in a seeded order, metrics to
+The algorithm is pipeline/rl/ppo_trainer.py; this module adds the loop: prompts in a seeded order, metrics to
 `train_log.jsonl`/TensorBoard/progress bar, and resumable checkpoints (models, optimizers, KL controller,
 RNG and data position) in the stage's work dir — the same checkpoint helpers as every training stage.
 """
@@ -24,9 +24,10 @@ from types import SimpleNamespace
 
 import torch
 
-from pipeline import chat_data
-from pipeline.sources import load_dataset_input, model_path, require_architecture, require_columns
-from pipeline.stage import StageContext, StageError, stage_main
+from pipeline.data import chat as chat_data
+from pipeline.data.sources import load_dataset_input, model_path, require_architecture, require_columns
+from pipeline.recipe.stages import PPOStageSettings
+from pipeline.runner.stage import StageContext, StageError, stage_main
 
 log = logging.getLogger("pipeline")
 
@@ -86,18 +87,24 @@ def export(accelerator, trainer, tokenizer, ctx: StageContext) -> None:
                      eos_token_id=chat_data.stop_token_ids(tokenizer)).save_pretrained(ctx.output_dir("model"))
 
 
-def run(ctx: StageContext) -> None:
+def run(ctx: StageContext[PPOStageSettings]) -> None:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
-    from pipeline.distributed import describe, finish, make_accelerator
-    from pipeline.models import attn_implementation
-    from pipeline.ppo_rollout import reward_model_scores
-    from pipeline.ppo_settings import PPOSettings
-    from pipeline.ppo_trainer import PPOTrainer, prepare_frozen
-    from pipeline.training import (TrainerState, append_jsonl, truncate_jsonl, next_global_batch, resume_latest,
-                                   save_checkpoint)
+    from pipeline.recipe.ppo_settings import PPOSettings
+    from pipeline.rl.ppo_trainer import PPOTrainer, prepare_frozen
+    from pipeline.rl.rollout import reward_model_scores
+    from pipeline.train.distributed import describe, finish, make_accelerator
+    from pipeline.train.loop import (
+        TrainerState,
+        append_jsonl,
+        next_global_batch,
+        resume_latest,
+        save_checkpoint,
+        truncate_jsonl,
+    )
+    from pipeline.train.models import attn_implementation
 
     s = ctx.settings
     data = load_dataset_input(ctx.inputs["prompts"], seed=ctx.seed)

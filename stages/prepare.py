@@ -3,21 +3,22 @@
     python -m stages.prepare recipes/tiny.yaml [stages.prepare.block_size=512]
 
 Output `dataset/`: a `datasets` folder (`save_to_disk`) with `train` and `validation` splits of
-packed blocks (`input_ids`, `position_ids` restarting per document; see pipeline/packing.py).
+packed blocks (`input_ids`, `position_ids` restarting per document; see pipeline/data/packing.py).
 """
 
 from __future__ import annotations
 
 import logging
 
-from pipeline.packing import pack_documents
-from pipeline.sources import load_dataset_input, load_tokenizer_input, require_columns
-from pipeline.stage import StageContext, StageError, stage_main
+from pipeline.data.packing import pack_documents
+from pipeline.data.sources import load_dataset_input, load_tokenizer_input, require_columns
+from pipeline.recipe.stages import PrepareSettings
+from pipeline.runner.stage import StageContext, StageError, stage_main
 
 log = logging.getLogger("pipeline")
 
 
-def run(ctx: StageContext) -> None:
+def run(ctx: StageContext[PrepareSettings]) -> None:
     import datasets
 
     s = ctx.settings

@@ -6,9 +6,9 @@
     accelerate launch --config_file accelerate_config.yaml -m stages.pretrain RECIPE.yaml   # 8 GPUs, ZeRO-2, bf16
 
 Inputs: `data` (a `datasets` folder with train/validation splits of packed blocks, see
-pipeline/packing.py) and `tokenizer`. Output `model/`: a Hugging Face checkpoint (config,
+pipeline/data/packing.py) and `tokenizer`. Output `model/`: a Hugging Face checkpoint (config,
 safetensors, generation config, tokenizer) that loads with `AutoModelForCausalLM.from_pretrained`.
-Next to it (copied by pipeline.stage): `metrics.jsonl` (validation loss and bits per byte over
+Next to it (copied by pipeline.runner.stage): `metrics.jsonl` (validation loss and bits per byte over
 training), `train_log.jsonl` (per-step loss, lr, grad norm) and `tensorboard/`. Checkpoints for
 automatic resume live in the stage's work dir; rerunning after a crash continues from the latest.
 """
@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import logging
 
-from pipeline.config import ConfigError
-from pipeline.stage import StageContext, StageError, stage_main
+from pipeline.recipe.config import ConfigError
+from pipeline.recipe.stages import PretrainSettings
+from pipeline.runner.stage import StageContext, StageError, stage_main
 
 log = logging.getLogger("pipeline")
 
@@ -37,7 +38,7 @@ def load_blocks(path, model_settings):
         missing = {"input_ids", "position_ids"} - set(data[split].column_names)
         if missing:
             raise StageError(f"input data: split {split} lacks {', '.join(sorted(missing))}: "
-                             f"produce it with the prepare stage (pipeline.packing.pack_documents)")
+                             f"produce it with the prepare stage (pipeline.data.packing.pack_documents)")
         if len(data[split]) == 0:
             raise StageError(f"input data: split {split} has no blocks")
     block_size = len(data["train"][0]["input_ids"]) - 1
@@ -47,11 +48,13 @@ def load_blocks(path, model_settings):
     return data, block_size
 
 
-def run(ctx: StageContext) -> None:
+def run(ctx: StageContext[PretrainSettings]) -> None:
     from accelerate.utils import set_seed
 
-    from pipeline import distributed, models, packing, training
-    from pipeline.sources import load_tokenizer_input
+    from pipeline.data import packing
+    from pipeline.data.sources import load_tokenizer_input
+    from pipeline.train import distributed, models
+    from pipeline.train import loop as training
 
     s, model_settings = ctx.settings, ctx.recipe.model
     tokenizer = load_tokenizer_input(ctx.inputs["tokenizer"])

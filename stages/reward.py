@@ -4,7 +4,7 @@
     accelerate launch --config_file recipes/accelerate/cpu_zero2.yaml --num_processes 2 -m stages.reward recipes/tiny.yaml
 
 Inputs: `model` (the SFT checkpoint) and `data` (pairs, K-wise rankings or ratings; see
-pipeline/preferences.py). Output `model/`: an `AutoModelForSequenceClassification` checkpoint with one
+pipeline/data/preferences.py). Output `model/`: an `AutoModelForSequenceClassification` checkpoint with one
 label, whose score is read at the last non-pad token of `prompt + response + <|end|>` (the layout PPO
 rollouts have), plus `reward_stats.json`: mean and std of its scores on held-out responses, which PPO
 uses to normalise rewards.
@@ -22,10 +22,11 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from pipeline import chat_data
-from pipeline.preferences import FORMAT_COLUMNS, detect_format, to_groups
-from pipeline.sources import load_dataset_input, model_path, require_columns
-from pipeline.stage import StageContext, StageError, stage_main
+from pipeline.data import chat as chat_data
+from pipeline.data.preferences import FORMAT_COLUMNS, detect_format, to_groups
+from pipeline.data.sources import load_dataset_input, model_path, require_columns
+from pipeline.recipe.stages import RewardSettings
+from pipeline.runner.stage import StageContext, StageError, stage_main
 
 log = logging.getLogger("pipeline")
 
@@ -74,7 +75,7 @@ def bradley_terry_loss(model, batch: dict, use_margin: bool) -> tuple[torch.Tens
 
 def make_reward_evaluator(accelerator, groups: list[dict], pad_id: int, micro_batch_size: int, max_batches: int | None):
     """Held-out pairwise accuracy (every pair counts once) and the mean/std of all held-out scores."""
-    from pipeline.training import eval_shard
+    from pipeline.train.loop import eval_shard
 
     mine, n_batches = eval_shard(accelerator, len(groups), micro_batch_size, max_batches)
 
@@ -119,13 +120,13 @@ def load_groups(ctx: StageContext):
     return fmt, out
 
 
-def run(ctx: StageContext) -> None:
+def run(ctx: StageContext[RewardSettings]) -> None:
     from accelerate.utils import set_seed
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-    from pipeline.distributed import describe, finish, make_accelerator
-    from pipeline.models import attn_implementation
-    from pipeline.training import export_model, train
+    from pipeline.train.distributed import describe, finish, make_accelerator
+    from pipeline.train.loop import export_model, train
+    from pipeline.train.models import attn_implementation
 
     s = ctx.settings
     fmt, split_groups = load_groups(ctx)

@@ -7,7 +7,7 @@ Inputs: `model` (a causal-LM checkpoint folder with its tokenizer, e.g. `pretrai
 (a dataset with a `messages` column, or prompt/completion columns named by the recipe). Output `model/`:
 the fine-tuned checkpoint (safetensors, tokenizer, generation config stopping at the end of a turn).
 
-Our shared loop (pipeline/training.py) instead of TRL's SFTTrainer: TRL's Trainer brings its own
+Our shared loop (pipeline/train/loop.py) instead of TRL's SFTTrainer: TRL's Trainer brings its own
 checkpoint layout, resume logic and accelerator set-up, while every stage here shares one contract
 (exact resume from `.work/`, atomic publishing, the same DeepSpeed wiring). The data side is
 transformers' own: `apply_chat_template(..., return_assistant_tokens_mask=True)`.
@@ -19,10 +19,11 @@ import logging
 
 import torch
 
-from pipeline import chat_data
-from pipeline.models import attn_implementation, causal_lm_loss
-from pipeline.sources import load_dataset_input, model_path, require_architecture, require_columns
-from pipeline.stage import StageContext, StageError, stage_main
+from pipeline.data import chat as chat_data
+from pipeline.data.sources import load_dataset_input, model_path, require_architecture, require_columns
+from pipeline.recipe.stages import SFTSettings
+from pipeline.runner.stage import StageContext, StageError, stage_main
+from pipeline.train.models import attn_implementation, causal_lm_loss
 
 log = logging.getLogger("pipeline")
 
@@ -39,7 +40,7 @@ def encode_split(part, tokenizer, s) -> list[dict]:
 
 def make_masked_evaluator(accelerator, rows: list[dict], collate, micro_batch_size: int, max_batches: int | None):
     """Mean cross-entropy over assistant tokens of the validation conversations (every rank, same steps)."""
-    from pipeline.training import eval_shard
+    from pipeline.train.loop import eval_shard
 
     mine, n_batches = eval_shard(accelerator, len(rows), micro_batch_size, max_batches)
 
@@ -71,11 +72,11 @@ def sample_responses(model, tokenizer, prompts: list[str], max_new_tokens: int, 
     return out
 
 
-def run(ctx: StageContext) -> None:
+def run(ctx: StageContext[SFTSettings]) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from pipeline.distributed import describe, finish, make_accelerator
-    from pipeline.training import export_model, train
+    from pipeline.train.distributed import describe, finish, make_accelerator
+    from pipeline.train.loop import export_model, train
 
     s = ctx.settings
     data = load_dataset_input(ctx.inputs["data"], seed=ctx.seed)

@@ -14,8 +14,9 @@ from __future__ import annotations
 import logging
 import time
 
-from pipeline.sources import load_dataset_input, require_columns
-from pipeline.stage import StageContext, stage_main
+from pipeline.data.sources import load_dataset_input, require_columns
+from pipeline.recipe.stages import TokenizerSettings
+from pipeline.runner.stage import StageContext, stage_main
 
 log = logging.getLogger("pipeline")
 
@@ -78,7 +79,7 @@ def take_chars(texts, limit: int):
         yield text
 
 
-def run(ctx: StageContext) -> None:
+def run(ctx: StageContext[TokenizerSettings]) -> None:
     s = ctx.settings
     corpus = load_dataset_input(ctx.inputs["corpus"], s.validation_fraction, ctx.seed)
     require_columns(corpus, ["text"], ctx.inputs["corpus"])

@@ -55,8 +55,8 @@ def base_model(tmp_path_factory):
     """A tiny Llama checkpoint with our chat tokenizer: what a pretraining stage would hand over."""
     import pydoc_data.topics
 
-    from pipeline.models import build_model
-    from pipeline.settings import ModelSettings
+    from pipeline.recipe.settings import ModelSettings
+    from pipeline.train.models import build_model
     from stages.tokenizer import train_tokenizer
 
     path = tmp_path_factory.mktemp("base") / "model"

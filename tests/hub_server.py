@@ -26,7 +26,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -114,7 +114,7 @@ class HubServer:
 
     # --- lifecycle -------------------------------------------------------------------------------------
 
-    def start(self, port: int = 0) -> "HubServer":
+    def start(self, port: int = 0) -> HubServer:
         server = self
 
         class Handler(_Handler):
@@ -165,7 +165,7 @@ class HubServer:
     def new_commit(self, repo: Repo, files: dict[str, Blob], message: str, parent: str | None) -> Commit:
         self._commit_counter += 1
         oid = hashlib.sha1(f"{repo.repo_type}/{repo.repo_id}/{self._commit_counter}/{time.time_ns()}".encode()).hexdigest()
-        date = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+        date = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
         commit = Commit(oid, files, message, parent, date)
         repo.commits[oid] = commit
         return commit

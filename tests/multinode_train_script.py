@@ -1,4 +1,4 @@
-"""Train the nano dense model with pipeline.training under any launcher; used by tests/test_multinode.py.
+"""Train the nano dense model with pipeline.train.loop under any launcher; used by tests/test_multinode.py.
 
     accelerate launch --config_file recipes/accelerate/cpu_zero2.yaml --num_processes 2 \
         tests/multinode_train_script.py DATA_DIR WORK_DIR --grad-accum 1
@@ -14,9 +14,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from pipeline import distributed, models, packing, training  # noqa: E402
-from pipeline.settings import ModelSettings, TrainSettings  # noqa: E402
+from pipeline.data import packing  # noqa: E402
+from pipeline.recipe.settings import ModelSettings, TrainSettings  # noqa: E402
+from pipeline.train import distributed, models  # noqa: E402
+from pipeline.train import loop as training
 
 
 def main() -> None:

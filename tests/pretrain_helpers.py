@@ -46,7 +46,7 @@ def write_packed_data(root, n_docs: int = 240, n_val: int = 30, block_size: int 
     """Tokenizer folder + packed `datasets` folder (train/validation) under `root`; returns (tok_dir, data_dir)."""
     import datasets
 
-    from pipeline.packing import pack_documents
+    from pipeline.data.packing import pack_documents
 
     texts = repetitive_texts(n_docs + n_val, seed)
     tok = make_tokenizer(texts)

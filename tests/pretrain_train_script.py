@@ -2,7 +2,7 @@
 
     python tests/pretrain_train_script.py DATA_DIR WORK_DIR --max-steps 20 --save-every 4 [--delay 0.1]
 
-Writes WORK_DIR/summary.json at the end (and checkpoints/logs as pipeline.training does).
+Writes WORK_DIR/summary.json at the end (and checkpoints/logs as pipeline.train.loop does).
 """
 
 import argparse
@@ -12,9 +12,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from pipeline import distributed, models, packing, training  # noqa: E402
-from pipeline.settings import ModelSettings, TrainSettings  # noqa: E402
+from pipeline.data import packing  # noqa: E402
+from pipeline.recipe.settings import ModelSettings, TrainSettings  # noqa: E402
+from pipeline.train import distributed, models  # noqa: E402
+from pipeline.train import loop as training
 
 
 def train_nano(data_dir, work_dir, max_steps: int, save_every: int, delay: float = 0.0) -> dict:

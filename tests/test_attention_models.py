@@ -132,7 +132,7 @@ def test_same_logits_and_grads_as_sdpa(arch, kind, monkeypatch):
     torch.testing.assert_close(lossb, lossa, atol=1e-5, rtol=1e-5)
     assert ga.keys() == gb.keys() and len(ga) > 0
     for n in ga:
-        torch.testing.assert_close(gb[n], ga[n], atol=2e-5, rtol=1e-4, msg=lambda m: f"{n}: {m}")
+        torch.testing.assert_close(gb[n], ga[n], atol=2e-5, rtol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
 
 
 def test_packing_really_separates_documents(monkeypatch):
@@ -176,8 +176,13 @@ def test_generate_with_kv_cache_matches_sdpa(arch, monkeypatch):
 
 
 def test_mask_to_ids_roundtrip():
-    from transformers.masking_utils import causal_mask_function, and_masks, sdpa_mask
-    from transformers.masking_utils import packed_sequence_mask_function, padding_mask_function
+    from transformers.masking_utils import (
+        and_masks,
+        causal_mask_function,
+        packed_sequence_mask_function,
+        padding_mask_function,
+        sdpa_mask,
+    )
 
     T = 13
     doc = torch.tensor([[0] * 5 + [1] * 8, [0] * 13])

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.instruction_task import expected_response, format_prompt
+from pipeline.task.instructions import expected_response, format_prompt
 from stages.evaluate import reward_judge_agreement, unigram_bits_per_byte
 
 

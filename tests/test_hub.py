@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import artifacts
+from pipeline.runner import artifacts
 from tests.conftest import ROOT, run_cli
 from tests.hub_server import HubServer
 
@@ -140,7 +140,7 @@ def _local_files(folder: Path) -> dict[str, bytes]:
 
 
 def _push(path, repo, hub, **kw) -> str:
-    from pipeline.hub import push_artifact
+    from pipeline.hub.push import push_artifact
 
     return push_artifact(path, repo, endpoint=hub.url, token=TOKEN, **kw)
 
@@ -242,8 +242,8 @@ def test_card_names_parent_datasets_and_metrics(hub, run, tmp_path):
 
 def test_card_rules_without_a_server(run):
     """Hub inputs give base_model by name; ppo is tagged rlhf; a reward model loads with its auto class."""
-    from pipeline.hub import render_card, resolve_artifact
-    from pipeline.model_card import auto_class_for
+    from pipeline.hub.model_card import auto_class_for
+    from pipeline.hub.push import render_card, resolve_artifact
 
     artifact = resolve_artifact(run / "sft" / "model")
     artifact.manifest = {**artifact.manifest, "stage": "ppo", "inputs": {
@@ -389,13 +389,13 @@ def test_token_is_never_written(hub, run, tmp_path):
     leaked = [p for p in run.rglob("*") if p.is_file() and needle in p.read_bytes()]
     assert leaked == []
     assert not any(TOKEN in o for o in outs)
-    for (repo_type, repo_id), repo in hub.repos.items():  # nor in anything uploaded (cards!)
+    for (_repo_type, repo_id), repo in hub.repos.items():  # nor in anything uploaded (cards!)
         for commit in repo.commits.values():
             assert not any(needle in blob.data for blob in commit.files.values()), repo_id
 
 
 def test_refuses_pickles_and_unpublished_folders(run, tmp_path):
-    from pipeline.hub import PushError, push_artifact
+    from pipeline.hub.push import PushError, push_artifact
 
     model = run / "pretrain" / "model"
     (model / "pytorch_model.bin").write_bytes(b"pickle")
@@ -411,8 +411,8 @@ def test_refuses_pickles_and_unpublished_folders(run, tmp_path):
 
 
 def test_push_stage_outputs_and_settings(hub, run):
-    from pipeline.config import ConfigError, from_dict
-    from pipeline.hub import PushError, PushSettings, pending_pushes, push_stage_outputs
+    from pipeline.hub.push import PushError, PushSettings, pending_pushes, push_stage_outputs
+    from pipeline.recipe.config import ConfigError, from_dict
 
     settings = from_dict(PushSettings, {"repo": "alice/tiny-data", "revision": "v2", "private": True},
                          "stages.prepare.push")
@@ -435,13 +435,14 @@ def test_push_stage_outputs_and_settings(hub, run):
 
 
 def test_hub_module_imports_no_hub_client():
-    code = "import sys, pipeline.hub; sys.exit('huggingface_hub' in sys.modules or 'transformers' in sys.modules)"
+    code = "import sys, pipeline.hub.push; sys.exit('huggingface_hub' in sys.modules or 'transformers' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
 
 
 def test_recipe_push_runs_after_the_stage_and_only_once(hub, tmp_path):
     """`stages.NAME.push` in a recipe: the runner pushes after the stage; push settings never re-run it."""
     import pydoc_data.topics
+
     import yaml
 
     corpus = tmp_path / "corpus.txt"

@@ -7,8 +7,8 @@ import random
 import pytest
 from datasets import Features, List, Value
 
-from pipeline import instruction_task as it
-from pipeline.instruction_task import Example, check_constraint, expected_response, judge, passes
+from pipeline.task import instructions as it
+from pipeline.task.instructions import check_constraint, expected_response, judge, passes
 
 # ---- data: determinism and the held-out split ----------------------------------------------------
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ROOT, run_cli
-from pipeline import labeling
-from pipeline.labeling import LabelError, LabelStore
-from pipeline.preferences import to_groups
+
+from pipeline.data.preferences import to_groups
+from pipeline.labeling import store as labeling
+from pipeline.labeling.store import LabelError, LabelStore
 
 ITEMS = [
     {"id": "s0", "prompt": "P0", "responses": ["a", "b", "c"]},

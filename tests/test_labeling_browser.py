@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import run_cli
 from test_labeling import start_server
 
-from pipeline.labeling import LabelStore
+from pipeline.labeling.store import LabelStore
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

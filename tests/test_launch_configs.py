@@ -65,7 +65,7 @@ def test_accelerate_config_is_valid(path):
     assert set(ds) <= launch_args, f"keys accelerate launch does not know: {set(ds) - launch_args}"
     stage = ds["zero_stage"]
     assert stage in (0, 1, 2, 3)
-    # batch size, accumulation and clipping come from the recipe (pipeline/distributed.py), not from here
+    # batch size, accumulation and clipping come from the recipe (pipeline/train/distributed.py), not from here
     assert not {"gradient_accumulation_steps", "gradient_clipping"} & set(ds) or path.name.startswith("cpu_")
     for kind in ("optimizer", "param"):
         device = ds.get(f"offload_{kind}_device", "none")
@@ -95,7 +95,7 @@ def test_multinode_config_uses_c10d_and_leaves_the_head_to_the_launch():
 
 @pytest.mark.parametrize("path", RECIPES, ids=ids(RECIPES))
 def test_recipe_parses_and_its_launch_agrees_with_its_config(path, monkeypatch):
-    from pipeline.recipe import load_recipe
+    from pipeline.recipe.schema import load_recipe
 
     monkeypatch.chdir(ROOT)  # launch.config_file paths are relative to the repository root
     recipe = load_recipe(path)
@@ -118,8 +118,8 @@ def test_recipe_arithmetic_matches_the_code(path, monkeypatch):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pipeline import models
-    from pipeline.recipe import load_recipe
+    from pipeline.recipe.schema import load_recipe
+    from pipeline.train import models
 
     monkeypatch.chdir(ROOT)
     text = path.read_text()

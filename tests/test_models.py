@@ -8,12 +8,13 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from pretrain_helpers import one_thread, make_tokenizer, repetitive_texts, texts_dataset  # noqa: E402
+from pretrain_helpers import make_tokenizer, one_thread, repetitive_texts, texts_dataset  # noqa: E402
 
-from pipeline import models, training  # noqa: E402
-from pipeline.distributed import make_accelerator  # noqa: E402
-from pipeline.packing import collate_blocks, pack_documents  # noqa: E402
-from pipeline.settings import ModelSettings, TrainSettings  # noqa: E402
+from pipeline.data.packing import collate_blocks, pack_documents  # noqa: E402
+from pipeline.recipe.settings import ModelSettings, TrainSettings  # noqa: E402
+from pipeline.train import loop as training  # noqa: E402
+from pipeline.train import models
+from pipeline.train.distributed import make_accelerator  # noqa: E402
 
 VOCAB = 64
 

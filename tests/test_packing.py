@@ -10,7 +10,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from pretrain_helpers import make_tokenizer, repetitive_texts, texts_dataset  # noqa: E402
 
-from pipeline.packing import ShiftedBlocks, pack_documents, pack_stream, token_byte_lengths  # noqa: E402
+from pipeline.data.packing import ShiftedBlocks, pack_documents, pack_stream, token_byte_lengths  # noqa: E402
 
 
 @pytest.fixture(scope="module")

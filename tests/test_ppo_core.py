@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pipeline.ppo_core import (
+from pipeline.rl.ppo_core import (
     AdaptiveKLController,
     FixedKLController,
     compute_rewards,

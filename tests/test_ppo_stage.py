@@ -9,7 +9,6 @@ import time
 import pytest
 import torch
 import yaml
-
 from conftest import ROOT, run_cli, save_dataset
 
 

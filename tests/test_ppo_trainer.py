@@ -11,8 +11,9 @@ import torch
 from accelerate import Accelerator
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-from pipeline.ppo_core import policy_loss, value_loss
-from pipeline.ppo_rollout import (
+from pipeline.rl.ppo_core import policy_loss, value_loss
+from pipeline.rl.ppo_trainer import PolicyAndValue, PPOSettings, PPOTrainer
+from pipeline.rl.rollout import (
     batched_logprobs,
     generate_responses,
     left_pad,
@@ -21,7 +22,6 @@ from pipeline.ppo_rollout import (
     reward_model_scores,
     to_left_padded,
 )
-from pipeline.ppo_trainer import PPOSettings, PPOTrainer, PolicyAndValue
 
 torch.set_num_threads(1)
 

@@ -18,7 +18,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 from pretrain_helpers import pretrain_recipe, write_packed_data  # noqa: E402
 
-from pipeline.distributed import launch_env  # noqa: E402
+from pipeline.train.distributed import launch_env  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = {"max_steps": 6, "micro_batch_size": 2, "eval_batches": 2, "eval_every": 3, "save_every": 3}

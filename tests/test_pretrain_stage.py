@@ -53,7 +53,7 @@ def test_stage_publishes_a_checkpoint_and_resumes_instead_of_retraining(data, tm
         scalar_tags(out / "tensorboard")
 
     # the work dir keeps its checkpoints: running again resumes at the end instead of training anew
-    from pipeline.stage import stage_main
+    from pipeline.runner.stage import stage_main
     from stages.pretrain import run
 
     stage_main("pretrain", run, argv=[str(recipe)])
@@ -63,7 +63,7 @@ def test_stage_publishes_a_checkpoint_and_resumes_instead_of_retraining(data, tm
 
 
 def test_moe_stage_logs_router_balance(data, tmp_path):
-    from pipeline.stage import stage_main
+    from pipeline.runner.stage import stage_main
     from stages.pretrain import run
 
     recipe = tmp_path / "recipe.yaml"

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import ConfigError
-from pipeline.recipe import load_recipe, parse_recipe
+from pipeline.recipe.config import ConfigError
+from pipeline.recipe.schema import load_recipe, parse_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER = {"inputs": {"corpus": "builtin:stdlib"}, "vocab_size": 512}

@@ -8,7 +8,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import ROOT, run_cli
 
 
@@ -157,7 +156,7 @@ def test_saved_dataset_input_keeps_its_fingerprint_when_datasets_caches_beside_i
     """Mapping a saved dataset writes cache-*.arrow files into its folder; they are not new data."""
     import datasets
 
-    from pipeline.artifacts import path_fingerprint
+    from pipeline.runner.artifacts import path_fingerprint
 
     folder = tmp_path / "corpus"
     datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["a b c"] * 50}),

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import ROOT, run_cli, save_dataset
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_cli, save_dataset
-from pipeline import chat_data
-from pipeline.preferences import ranking_pairs, to_groups
+from pipeline.data import chat as chat_data
+from pipeline.data.preferences import ranking_pairs, to_groups
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 TRAIN = {"micro_batch_size": 8, "learning_rate": 3e-3, "warmup_steps": 2, "eval_every": 1000, "save_every": 1000,

@@ -3,10 +3,9 @@
 import json
 
 import pytest
+from conftest import run_cli
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from conftest import run_cli
 
 
 @pytest.fixture(scope="module")

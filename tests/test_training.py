@@ -15,10 +15,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from pretrain_helpers import one_thread, pretrain_recipe, write_packed_data  # noqa: E402
 
-from pipeline import models, training  # noqa: E402
-from pipeline.distributed import make_accelerator  # noqa: E402
-from pipeline.packing import ShiftedBlocks, collate_blocks, token_byte_lengths  # noqa: E402
-from pipeline.settings import ModelSettings, TrainSettings  # noqa: E402
+from pipeline.data.packing import ShiftedBlocks, collate_blocks, token_byte_lengths  # noqa: E402
+from pipeline.recipe.settings import ModelSettings, TrainSettings  # noqa: E402
+from pipeline.train import loop as training  # noqa: E402
+from pipeline.train import models
+from pipeline.train.distributed import make_accelerator  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ModelSettings(size="nano", max_seq_len=64)
@@ -338,7 +339,7 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(packed, 
 # --- bad settings fail before training ---
 
 def _stage(argv, capsys):
-    from pipeline.stage import stage_main
+    from pipeline.runner.stage import stage_main
     from stages.pretrain import run
 
     with pytest.raises(SystemExit) as exit_info:
@@ -366,8 +367,9 @@ def test_bad_values_fail_before_training_naming_the_key(packed, tmp_path, capsys
 HEAP_PROBE = r"""
 import resource, sys, torch
 torch.set_num_threads(1)
-from pipeline import distributed, models
-from pipeline.settings import ModelSettings
+from pipeline.train import distributed
+from pipeline.train import models
+from pipeline.recipe.settings import ModelSettings
 if sys.argv[1] == "keep":
     assert distributed.keep_freed_memory(), "mallopt was refused"
 settings = ModelSettings(family="dense", size="tiny", n_layers=1, d_model=32, n_heads=2, n_kv_heads=2, ffn_dim=64,

@@ -14,13 +14,15 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Generic, TypeVar
 
-from pipeline import artifacts
-from pipeline.config import ConfigError, to_dict
-from pipeline.recipe import InputSpec, Recipe, load_recipe
+from pipeline.recipe.config import ConfigError, to_dict
+from pipeline.recipe.schema import InputSpec, Recipe, load_recipe
+from pipeline.recipe.stages import StageSettings
+from pipeline.runner import artifacts
 
 log = logging.getLogger("pipeline")
 LOG_FILES = ("metrics.jsonl", "train_log.jsonl", "tensorboard")  # copied from the work dir when publishing
@@ -35,11 +37,14 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+S = TypeVar("S", bound=StageSettings)
+
+
 @dataclass
-class StageContext:
+class StageContext(Generic[S]):
     name: str
     recipe: Recipe
-    settings: Any  # the stage's typed settings (pipeline.recipe.*Settings)
+    settings: S  # the stage's typed settings (its class in pipeline/recipe/stages.py)
     inputs: dict[str, InputSpec]
     fingerprint: str
     input_fingerprints: dict[str, str]

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import time
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,7 @@ def _is_cache(path: Path) -> bool:
 
 def input_fingerprint(spec, stage_fingerprints: dict[str, str]) -> str:
     """What identifies an input: the producing stage's fingerprint, the files, or the corpus/hub name."""
-    from pipeline.corpus import corpus_fingerprint
+    from pipeline.data.corpus import corpus_fingerprint
 
     if spec.kind == "stage":
         return f"{stage_fingerprints[spec.stage]}:{spec.output}"
@@ -58,7 +59,7 @@ def input_fingerprint(spec, stage_fingerprints: dict[str, str]) -> str:
 
 def stage_fingerprint(recipe, name: str, input_fps: dict[str, str]) -> str:
     """Hash of everything that determines a stage's outputs: its type version, settings, inputs, seed."""
-    from pipeline.config import to_dict
+    from pipeline.recipe.config import to_dict
 
     settings = recipe.settings[name]
     data = {
@@ -121,11 +122,11 @@ def publish(staging: Path, final: Path, manifest: dict) -> None:
 def provenance(started: float) -> dict:
     """When and with what an artifact was made: manifest fields every producer writes."""
     import sys
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     return {
-        "started": datetime.fromtimestamp(started, timezone.utc).isoformat(),
-        "finished": datetime.now(timezone.utc).isoformat(),
+        "started": datetime.fromtimestamp(started, UTC).isoformat(),
+        "finished": datetime.now(UTC).isoformat(),
         "duration_s": round(time.time() - started, 3),
         "versions": library_versions(),
         "python": sys.version.split()[0],
@@ -149,7 +150,7 @@ def git_commit() -> str | None:
     import subprocess
 
     try:
-        root = Path(__file__).resolve().parent.parent
+        root = Path(__file__).resolve().parents[2]
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "--verify", "-q", "HEAD"],
                              capture_output=True, text=True, timeout=5)
         return out.stdout.strip() if out.returncode == 0 else None

@@ -1,6 +1,6 @@
 """Packing documents into fixed-size training blocks, and token byte lengths for bits per byte.
 
-Layout (what `pack_documents` produces and `pipeline.models.causal_lm_loss` consumes):
+Layout (what `pack_documents` produces and `pipeline.train.models.causal_lm_loss` consumes):
 
 * Every document becomes `[BOS] tokens [EOS]` (BOS only when the tokenizer has one); documents are
   concatenated, in dataset order, into one token stream.

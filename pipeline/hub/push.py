@@ -5,12 +5,12 @@
 
 The token comes from `HF_TOKEN` or `hf auth login` (huggingface_hub's `get_token()`); it is handed to the
 client in memory and never written anywhere. A push makes the repo revision an exact copy of the artifact
-folder plus a generated README.md (pipeline/model_card.py); unchanged files are not uploaded again and an
+folder plus a generated README.md (pipeline/hub/model_card.py); unchanged files are not uploaded again and an
 unchanged artifact makes no commit, so re-running a push is cheap and an interrupted one completes.
 Each successful push is recorded in `RUN_DIR/.pushes.json` (artifact fingerprint -> repo, revision,
 commit, endpoint) so that a child stage's card can name its parent's repo as `base_model`.
 
-huggingface_hub is imported inside functions: recipe parsing imports this module and must stay fast.
+huggingface_hub is imported inside functions: `python -m pipeline` imports this module and must start fast.
 """
 
 from __future__ import annotations
@@ -18,15 +18,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 from urllib.parse import urlsplit, urlunsplit
 
-from pipeline.artifacts import MANIFEST, read_manifest, write_json_atomic
+from pipeline.recipe.settings import REPO_ID, PushSettings
+from pipeline.recipe.stages import STAGE_TYPES
+from pipeline.runner.artifacts import MANIFEST, read_manifest, write_json_atomic
 
 log = logging.getLogger("pipeline")
 
@@ -35,36 +36,10 @@ PUBLIC_HOSTS = ("huggingface.co", "hf.co")
 # weights in pickle-based formats: loading them runs arbitrary code, so they are never uploaded
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
 PRIMARY_OUTPUTS = ("model", "dataset", "tokenizer")  # a stage folder pushes the first it has
-REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 class PushError(RuntimeError):
     """A push that cannot go on, with a reason the user can act on (never containing the token)."""
-
-
-@dataclass
-class PushSettings:
-    """`stages.NAME.push:` in a recipe: push the stage's outputs after it succeeds."""
-
-    repo: str
-    # hub repo ORG/NAME; a dataset output goes to the dataset repo of that name
-    private: bool = False
-    # create the repo private (an existing repo keeps its visibility)
-    revision: str | None = None
-    # branch to push to (created from main when missing); none: main
-    license: str = "apache-2.0"
-    # the card's license
-    outputs: list[str] | None = None
-    # which of the stage's outputs to push; none: its primary one (model, else dataset, else tokenizer).
-    # When two pushed outputs need the same kind of repo, the later ones go to REPO-OUTPUT.
-
-    def validate(self) -> None:
-        from pipeline.config import ConfigError
-
-        if not REPO_ID.match(self.repo):
-            raise ConfigError(f"repo: {self.repo!r} is not a hub repo name like ORG/NAME")
-        if self.outputs is not None and not self.outputs:
-            raise ConfigError("outputs: list at least one output, or leave it out for the primary one")
 
 
 @dataclass
@@ -209,12 +184,7 @@ def _input_manifest(inp: dict) -> tuple[Path | None, dict | None]:
 
 def _declared(stage: str, name: str) -> str | None:
     """What the stage type says input `name` is (model, dataset, text, tokenizer), if it is known here."""
-    try:
-        from pipeline.recipe import STAGE_TYPES
-
-        return STAGE_TYPES[stage].INPUTS.get(name) if stage in STAGE_TYPES else None
-    except Exception:  # noqa: BLE001 - a card never fails over this
-        return None
+    return STAGE_TYPES[stage].INPUTS.get(name) if stage in STAGE_TYPES else None
 
 
 def _is_model_input(stage: str, name: str, inp: dict) -> bool:
@@ -243,7 +213,7 @@ def _hub_name(spec: str) -> str:
 
 def card_info(artifact: Artifact, repo_id: str, revision: str | None, license: str, endpoint: str):
     """Everything the card says about `artifact`, from its manifest, its ancestors' and the push records."""
-    from pipeline.model_card import CardInfo, StageLink, auto_class_for, dataset_layout, settings_summary
+    from pipeline.hub.model_card import CardInfo, StageLink, auto_class_for, dataset_layout, settings_summary
 
     manifest = artifact.manifest
     info = CardInfo(repo_id=repo_id, revision=revision, kind=artifact.kind, stage=artifact.stage,
@@ -320,7 +290,7 @@ def card_info(artifact: Artifact, repo_id: str, revision: str | None, license: s
 
 
 def render_card(artifact: Artifact, repo_id: str, revision: str | None, license: str, endpoint: str) -> str:
-    from pipeline.model_card import dataset_card, model_card
+    from pipeline.hub.model_card import dataset_card, model_card
 
     info = card_info(artifact, repo_id, revision, license, endpoint)
     return dataset_card(info) if artifact.kind == "dataset" else model_card(info)

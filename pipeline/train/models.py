@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pipeline.settings import ModelSettings
+from pipeline.recipe.settings import ModelSettings
 
 IGNORE_INDEX = -100
 
@@ -127,7 +127,7 @@ def causal_lm_loss(model, batch: dict[str, torch.Tensor], settings: ModelSetting
                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Next-token loss on a packed batch: (loss to backprop, aux of detached tensors).
 
-    batch: `input_ids` [B, T+1] and `position_ids` [B, T+1] (see pipeline.packing); the model reads
+    batch: `input_ids` [B, T+1] and `position_ids` [B, T+1] (see pipeline.data.packing); the model reads
     the first T tokens and predicts the last T. Optional `labels` [B, T+1] with -100 masks targets.
     For MoE the loss adds `aux_loss_coef * load_balance + z_loss_coef * mean(logsumexp(router)^2)`.
     The transformers MoE model adds its load-balancing term only when given `labels`; we never pass

@@ -12,7 +12,7 @@ deterministic edit of that sentence (lowercase it, uppercase it, keep its first 
 Used by the SFT stage (demonstrations), the reward stage (pairs, rankings or ratings ordered by the
 judge) and PPO/evaluation (prompts + `score_responses`). Build everything with
 
-    from pipeline.instruction_task import build_sft_dataset, build_preference_dataset, build_prompt_dataset
+    from pipeline.task.instructions import build_sft_dataset, build_preference_dataset, build_prompt_dataset
 
 The judge (see `grade`) multiplies the fraction of constraints satisfied by the faithfulness of the
 response to the expected edit of the source, so that length, repetition, echoing the prompt or an
@@ -99,7 +99,7 @@ def _is_prose_sentence(sentence: str) -> bool:
 @functools.lru_cache(maxsize=1)
 def source_sentences() -> tuple[str, ...]:
     """Every clean prose sentence of the embedded corpus (5-15 plain words ending in "."), sorted."""
-    from pipeline.corpus import stdlib_documents
+    from pipeline.data.corpus import stdlib_documents
 
     found = set()
     for _, text in stdlib_documents():
@@ -114,7 +114,7 @@ def source_sentences() -> tuple[str, ...]:
 
 def is_held_out(sentence: str) -> bool:
     """Whether a sentence belongs to the held-out (eval) split; by a hash, so it never moves."""
-    from pipeline.corpus import is_validation
+    from pipeline.data.corpus import is_validation
 
     # keyed by the first words, so near-duplicates ("... are listed below." / "... are listed below in
     # order.") land on the same side: the evaluation's contamination check found such pairs

@@ -1,16 +1,17 @@
 """Typed settings shared by several stages: the model shape and the training loop.
 
-Plain dataclasses with defaults; `pipeline.config` fills them from recipe YAML strictly. Each field's
+Plain dataclasses with defaults; `pipeline.recipe.config` fills them from recipe YAML strictly. Each field's
 meaning is the comment under it. `validate()` raises `ConfigError` with the offending key; the key path
 prefix is added by the caller. No heavy imports here: `plan` must stay fast.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
-from pipeline.config import ConfigError, require_at_least
+from pipeline.recipe.config import ConfigError, require_at_least
 
 # name -> (layers, d_model, heads, kv_heads, ffn); small enough names that recipes read well.
 MODEL_SIZES: dict[str, tuple[int, int, int, int, int]] = {
@@ -143,3 +144,29 @@ class TrainSettings:
             raise ConfigError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
         if self.grad_clip < 0:
             raise ConfigError(f"grad_clip: must be >= 0, got {self.grad_clip}")
+
+
+REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+@dataclass
+class PushSettings:
+    """`stages.NAME.push:` in a recipe: push the stage's outputs after it succeeds."""
+
+    repo: str
+    # hub repo ORG/NAME; a dataset output goes to the dataset repo of that name
+    private: bool = False
+    # create the repo private (an existing repo keeps its visibility)
+    revision: str | None = None
+    # branch to push to (created from main when missing); none: main
+    license: str = "apache-2.0"
+    # the card's license
+    outputs: list[str] | None = None
+    # which of the stage's outputs to push; none: its primary one (model, else dataset, else tokenizer).
+    # When two pushed outputs need the same kind of repo, the later ones go to REPO-OUTPUT.
+
+    def validate(self) -> None:
+        if not REPO_ID.match(self.repo):
+            raise ConfigError(f"repo: {self.repo!r} is not a hub repo name like ORG/NAME")
+        if self.outputs is not None and not self.outputs:
+            raise ConfigError("outputs: list at least one output, or leave it out for the primary one")

@@ -34,7 +34,7 @@ class StageLink:
 
 @dataclass
 class CardInfo:
-    """Everything a card says; `pipeline.hub` fills it from the manifests and the push record."""
+    """Everything a card says; `pipeline.hub.push` fills it from the manifests and the push record."""
 
     repo_id: str
     revision: str | None
@@ -124,8 +124,8 @@ def _lineage_text(info: CardInfo) -> list[str]:
             lines += [f"Parent checkpoint: {info.base_model_text}.", ""]
         elif info.kind == "model":
             lines += ["Trained from a randomly initialised model (no parent checkpoint).", ""]
-    lines += [f"Produced by the pipeline stages below (oldest first); each fingerprint hashes the stage's settings, "
-              f"its inputs' fingerprints, the seed and the code version.", "",
+    lines += ["Produced by the pipeline stages below (oldest first); each fingerprint hashes the stage's settings, "
+              "its inputs' fingerprints, the seed and the code version.", "",
               "| stage | fingerprint | inputs | on the hub as |", "| --- | --- | --- | --- |"]
     for link in info.lineage:
         inputs = ", ".join(f"{k}=`{v}`" for k, v in link.inputs.items()) or "none"

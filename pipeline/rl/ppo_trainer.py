@@ -20,14 +20,14 @@ clipping is DeepSpeed's `gradient_clipping`.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
-from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
-from pipeline.ppo_settings import PPOSettings  # noqa: F401  (re-exported: the trainer's settings)
-from pipeline.ppo_core import (
+from pipeline.recipe.ppo_settings import PPOSettings  # noqa: F401  (re-exported: the trainer's settings)
+from pipeline.rl.ppo_core import (
     AdaptiveKLController,
     FixedKLController,
     compute_rewards,
@@ -38,7 +38,7 @@ from pipeline.ppo_core import (
     policy_loss,
     value_loss,
 )
-from pipeline.ppo_rollout import (
+from pipeline.rl.rollout import (
     Rollout,
     batched_logprobs,
     generate_responses,

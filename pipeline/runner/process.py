@@ -22,8 +22,8 @@ import subprocess
 import sys
 import threading
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 ACCELERATOR_DEVICES = ("/dev/nvidiactl", "/dev/kfd", "/dev/accel")  # NVIDIA, AMD ROCm, other accelerators
 
@@ -37,7 +37,8 @@ def can_fork() -> bool:
 def preload(modules: tuple[str, ...], env: dict[str, str], stop: Callable[[], bool] = lambda: False) -> None:
     """Import `modules` in this process, under the stage's environment (OpenMP and DeepSpeed read
     theirs at import), until `stop()` says so; this process's own environment is left as it was.
-    Best effort: a module that fails to import here fails in the stage, which reports it."""
+    A module that fails to import here fails in the stage, which reports it; a module that does not
+    exist at all is a wrong name in a stage's IMPORTS declaration and stops the run."""
     saved = dict(os.environ)
     os.environ.update(env)
     try:
@@ -46,6 +47,10 @@ def preload(modules: tuple[str, ...], env: dict[str, str], stop: Callable[[], bo
                 break
             try:
                 importlib.import_module(name)
+            except ModuleNotFoundError as e:
+                if e.name == name:
+                    raise RuntimeError(f"a stage declares IMPORTS {name!r}, which is no module "
+                                       f"(pipeline/recipe/stages.py)") from None
             except Exception:
                 pass
     finally:
@@ -106,7 +111,7 @@ def _child(stage: str, argv: list[str], env: dict[str, str]) -> int:
             torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
         sys.argv = [f"-m stages.{stage}", *argv]
         module = importlib.import_module(f"stages.{stage}")
-        from pipeline.stage import stage_main
+        from pipeline.runner.stage import stage_main
 
         stage_main(stage, module.run, argv)
         code = 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from pipeline.config import ConfigError, require_at_least
+from pipeline.recipe.config import ConfigError, require_at_least
 
 KLEstimator = Literal["k1", "k3"]
 

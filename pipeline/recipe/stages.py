@@ -1,39 +1,55 @@
-"""Recipes: one YAML file -> a typed `Recipe` whose stages reference each other's outputs.
+"""Stage settings: one dataclass per stage type, holding its fields and its declaration.
 
-    run_dir: runs/tiny
-    seed: 1234
-    model: {family: dense, size: tiny}
-    stages:
-      tokenizer: {inputs: {corpus: "builtin:stdlib"}, vocab_size: 2048}
-      prepare:   {inputs: {corpus: "builtin:stdlib", tokenizer: tokenizer.tokenizer}, block_size: 256}
-      pretrain:  {inputs: {data: prepare.dataset, tokenizer: tokenizer.tokenizer}, max_steps: 300}
-
-A stage key names the stage type (its module in `stages/`). An input is written as
-  * `STAGE.OUTPUT` — another stage's output in this recipe (`tokenizer.tokenizer`, `pretrain.model`);
-  * a path containing a slash (`./data/train.jsonl`, `/ckpt/sft`) — a local text/jsonl/parquet file or
-    folder, a saved `datasets` folder, a tokenizer or checkpoint folder;
-  * `builtin:stdlib` — the embedded corpus (pipeline/corpus.py);
-  * `hub:ORG/NAME` (optionally `@REVISION`) — a hub model or dataset (needs a network).
+A stage's settings class says what the stage takes (INPUTS), what it publishes (OUTPUTS), how it is
+launched (ACCELERATED), whether the recipe's model section is part of its fingerprint (USES_MODEL), its
+code version and what it imports (preloaded by the runner). `STAGE_TYPES` maps a recipe's stage key to
+its class; the stage's code is the module `stages/<key>.py`.
 """
 
 from __future__ import annotations
 
-import copy
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal, NamedTuple, TypeVar
 
 import yaml
 
-from pipeline.config import ConfigError, apply_overrides, from_dict, require_at_least
-from pipeline.corpus import BUILTIN_CORPORA
-from pipeline.hub import PushSettings
-from pipeline.instruction_task import TASK_VERSION
-from pipeline.ppo_settings import PPOSettings
-from pipeline.settings import ModelSettings, TrainSettings, muon_under_deepspeed
+from pipeline.recipe.config import ConfigError, require_at_least
+from pipeline.recipe.ppo_settings import PPOSettings
+from pipeline.recipe.settings import PushSettings, TrainSettings, muon_under_deepspeed
+from pipeline.task.instructions import TASK_VERSION
 
-REFERENCE = re.compile(r"^([A-Za-z_][\w-]*)\.([A-Za-z_]\w*)$")
+
+class Curve(NamedTuple):
+    """A curve the run report draws from a published stage's log file."""
+
+    file: str  # metrics.jsonl (evaluations) or train_log.jsonl (training steps)
+    x: str
+    y: str
+    title: str
+    ylabel: str
+
+
+TRAIN_LOSS = "train_log.jsonl"
+EVALUATIONS = "metrics.jsonl"
+
+STAGE_TYPES: dict[str, type[StageSettings]] = {}
+"""Recipe stage key -> its settings class, filled by `@stage_type`; the stage's code is `stages/<key>.py`."""
+
+S = TypeVar("S", bound="type[StageSettings]")
+
+
+def stage_type(name: str):
+    """Declare a stage: `@stage_type("sft")` on its settings class registers it under its recipe key."""
+
+    def register(cls: S) -> S:
+        if name in STAGE_TYPES:
+            raise TypeError(f"stage {name!r} is declared twice ({STAGE_TYPES[name].__name__}, {cls.__name__})")
+        cls.NAME = name
+        STAGE_TYPES[name] = cls
+        return cls
+
+    return register
 
 
 @dataclass
@@ -59,7 +75,7 @@ class StageSettings:
     inputs: dict[str, str] = field(default_factory=dict)
     launch: Launch = field(default_factory=Launch)
     push: PushSettings | None = None
-    # upload the outputs to a hub after the stage succeeds (pipeline/hub.py; not part of the fingerprint)
+    # upload the outputs to a hub after the stage succeeds (pipeline/hub/push.py; not part of the fingerprint)
 
     INPUTS: ClassVar[dict[str, str]] = {}  # input name -> what it must be (text, tokenizer, dataset, model)
     DEFAULT_INPUTS: ClassVar[dict[str, str]] = {}
@@ -68,11 +84,13 @@ class StageSettings:
     ACCELERATED: ClassVar[bool] = False  # launched with `accelerate launch` (else plain python)
     USES_MODEL: ClassVar[bool] = False  # the recipe's `model` section is part of its fingerprint
     VERSION: ClassVar[str] = "1"  # bump when the stage's outputs change for the same settings
-    # what the stage imports inside `run`: the runner imports it once and forks (pipeline/stage_process.py)
+    NAME: ClassVar[str] = ""  # the recipe key, set by @stage_type
+    CURVES: ClassVar[tuple[Curve, ...]] = ()  # what the run report plots from the published logs
+    # what the stage imports inside `run`: the runner imports it once and forks (pipeline/runner/process.py)
     IMPORTS: ClassVar[tuple[str, ...]] = (
         "datasets", "transformers", "transformers.modeling_utils", "transformers.models.llama.modeling_llama",
         "transformers.models.qwen3_moe.modeling_qwen3_moe", "accelerate", "deepspeed", "torch.utils.tensorboard",
-        "pipeline.training", "pipeline.models")
+        "pipeline.train.loop", "pipeline.train.models")
 
     def validate(self) -> None:
         for name in self.inputs:
@@ -83,6 +101,7 @@ class StageSettings:
                 raise ConfigError(f"inputs.{name}: required input is missing ({self.INPUTS[name]})")
 
 
+@stage_type("tokenizer")
 @dataclass
 class TokenizerSettings(StageSettings):
     vocab_size: int = 2048
@@ -105,6 +124,7 @@ class TokenizerSettings(StageSettings):
             raise ConfigError(f"validation_fraction: must be in (0, 1), got {self.validation_fraction}")
 
 
+@stage_type("prepare")
 @dataclass
 class PrepareSettings(StageSettings):
     block_size: int = 256
@@ -138,24 +158,28 @@ def validate_training_stage(stage: StageSettings | TrainSettings) -> None:
             raise muon_under_deepspeed(f"DeepSpeed ZeRO ({config})")
 
 
+@stage_type("pretrain")
 @dataclass
 class PretrainSettings(StageSettings, TrainSettings):
     shift_blocks: bool = False
-    # every epoch after the first reads the packed token stream at a new offset (pipeline.packing.
+    # every epoch after the first reads the packed token stream at a new offset (pipeline.data.packing.
     # ShiftedBlocks), so repeated passes over a small corpus see new contexts, not the same blocks
 
     INPUTS: ClassVar = {"data": "dataset", "tokenizer": "tokenizer"}
     OUTPUTS: ClassVar = ("model",)
     ACCELERATED: ClassVar = True
     USES_MODEL: ClassVar = True
+    CURVES: ClassVar = (Curve(TRAIN_LOSS, "step", "loss", "pretraining loss", "loss (nats/token)"),
+                        Curve(EVALUATIONS, "step", "val_bpb", "pretraining validation bits per byte", "bits per byte"))
 
     def validate(self) -> None:
         validate_training_stage(self)
 
 
+@stage_type("instructions")
 @dataclass
 class InstructionsSettings(StageSettings):
-    """The default task's data (pipeline/instruction_task.py): demonstrations, preferences, prompts."""
+    """The default task's data (pipeline/task/instructions.py): demonstrations, preferences, prompts."""
 
     sft_train: int = 4000
     sft_eval: int = 200
@@ -192,6 +216,7 @@ class ChatTrainSettings(StageSettings, TrainSettings):
             raise ConfigError(f"max_length: must be at least 8, got {self.max_length}")
 
 
+@stage_type("sft")
 @dataclass
 class SFTSettings(ChatTrainSettings):
     messages_column: str = "messages"
@@ -205,20 +230,27 @@ class SFTSettings(ChatTrainSettings):
     # validation prompts answered greedily after training (manifest and logs)
     max_new_tokens: int = 64
 
+    CURVES: ClassVar = (Curve(TRAIN_LOSS, "step", "loss", "SFT loss", "loss (nats/token)"),
+                        Curve(EVALUATIONS, "step", "val_loss", "SFT validation loss", "loss (nats/token)"))
+
     def validate(self) -> None:
         super().validate()
         if (self.prompt_column is None) != (self.completion_column is None):
             raise ConfigError("prompt_column: give both prompt_column and completion_column, or neither")
 
 
+@stage_type("reward")
 @dataclass
 class RewardSettings(ChatTrainSettings):
     format: Literal["auto", "pairs", "rankings", "ratings"] = "auto"
-    # auto: detected from the columns (pipeline/preferences.py lists them)
+    # auto: detected from the columns (pipeline/data/preferences.py lists them)
     use_margin: bool = False
     # subtract the pair's margin (rating/rank difference, or a `margin` column) inside the loss (Llama 2)
     min_rating_gap: float = 0.0
     # ratings: two responses form a pair only when their ratings differ by more than this
+
+    CURVES: ClassVar = (Curve(TRAIN_LOSS, "step", "loss", "reward-model loss", "Bradley-Terry loss"),
+                        Curve(EVALUATIONS, "step", "val_accuracy", "reward-model held-out accuracy", "pairwise accuracy"))
 
     def validate(self) -> None:
         super().validate()
@@ -226,9 +258,10 @@ class RewardSettings(ChatTrainSettings):
             raise ConfigError(f"min_rating_gap: must be >= 0, got {self.min_rating_gap}")
 
 
+@stage_type("ppo")
 @dataclass
 class PPOStageSettings(StageSettings, PPOSettings):
-    """PPO's algorithm settings (pipeline/ppo_settings.py) plus the loop around them."""
+    """PPO's algorithm settings (pipeline/recipe/ppo_settings.py) plus the loop around them."""
 
     max_steps: int = 100
     # PPO iterations: each samples `batch_size` prompts per process, then runs ppo_epochs over them
@@ -251,6 +284,9 @@ class PPOStageSettings(StageSettings, PPOSettings):
     OPTIONAL_INPUTS: ClassVar = ("value", "reference")  # default: the reward model, the policy's start
     OUTPUTS: ClassVar = ("model", "value")
     ACCELERATED: ClassVar = True
+    CURVES: ClassVar = (Curve(TRAIN_LOSS, "step", "reward/raw", "PPO reward", "reward-model score"),
+                        Curve(TRAIN_LOSS, "step", "kl", "PPO KL to reference", "KL (nats/response)"),
+                        Curve(TRAIN_LOSS, "step", "response_length", "PPO response length", "tokens"))
 
     def validate(self) -> None:
         StageSettings.validate(self)
@@ -263,6 +299,7 @@ class PPOStageSettings(StageSettings, PPOSettings):
             raise ConfigError("seed: set the recipe's top-level seed; PPO derives its sampling seed from it")
 
 
+@stage_type("evaluate")
 @dataclass
 class EvaluateSettings(StageSettings):
     n_prompts: int = 200
@@ -290,175 +327,3 @@ class EvaluateSettings(StageSettings):
         require_at_least(self, ("n_prompts", "max_new_tokens", "batch_size", "bpb_batches", "ngram"))
         if self.temperature < 0 or self.kl_temperature <= 0:
             raise ConfigError("temperature: must be >= 0 (and kl_temperature > 0)")
-
-
-STAGE_TYPES: dict[str, type[StageSettings]] = {
-    "tokenizer": TokenizerSettings,
-    "prepare": PrepareSettings,
-    "pretrain": PretrainSettings,
-    "instructions": InstructionsSettings,
-    "sft": SFTSettings,
-    "reward": RewardSettings,
-    "ppo": PPOStageSettings,
-    "evaluate": EvaluateSettings,
-}
-
-
-@dataclass
-class InputSpec:
-    """One resolved input of a stage."""
-
-    name: str
-    spec: str  # as written in the recipe
-    kind: str  # stage | path | builtin | hub
-    stage: str | None = None
-    output: str | None = None
-    path: Path | None = None  # local folder or file (stage outputs too)
-
-
-@dataclass
-class Recipe:
-    run_dir: str
-    seed: int = 1234
-    model: ModelSettings = field(default_factory=ModelSettings)
-    stages: dict[str, Any] = field(default_factory=dict)
-    # filled by load_recipe: typed stage settings and resolved inputs
-    source: Path | None = field(default=None, init=False)
-    overrides: list[str] = field(default_factory=list, init=False)
-    settings: dict[str, StageSettings] = field(default_factory=dict, init=False)
-    inputs: dict[str, dict[str, InputSpec]] = field(default_factory=dict, init=False)
-
-    @property
-    def run_path(self) -> Path:
-        return Path(self.run_dir).resolve()
-
-    def stage_dir(self, name: str) -> Path:
-        return self.run_path / name
-
-    def upstream(self, name: str) -> list[str]:
-        return sorted({i.stage for i in self.inputs[name].values() if i.kind == "stage"})
-
-    def order(self) -> list[str]:
-        """Stages in dependency order (recipe order among independent ones); rejects cycles."""
-        done: list[str] = []
-        visiting: list[str] = []
-
-        def visit(name: str) -> None:
-            if name in done:
-                return
-            if name in visiting:
-                cycle = visiting[visiting.index(name):] + [name]
-                raise ConfigError(f"stages: reference cycle {' -> '.join(cycle)}")
-            visiting.append(name)
-            for dep in self.upstream(name):
-                visit(dep)
-            visiting.pop()
-            done.append(name)
-
-        for name in self.settings:
-            visit(name)
-        return done
-
-
-def _resolve_input(recipe: Recipe, stage: str, name: str, spec: str, base: Path) -> InputSpec:
-    path = f"stages.{stage}.inputs.{name}"
-    if spec.startswith("builtin:"):
-        corpus = spec.split(":", 1)[1]
-        if corpus not in BUILTIN_CORPORA:
-            raise ConfigError(f"{path}: unknown builtin corpus {corpus!r}; available: {', '.join(BUILTIN_CORPORA)}")
-        return InputSpec(name, spec, "builtin")
-    if spec.startswith("hub:"):
-        if not re.match(r"^hub:[\w.-]+(/[\w.-]+)?(@[\w./-]+)?$", spec):
-            raise ConfigError(f"{path}: {spec!r} is not a hub name like hub:ORG/NAME or hub:ORG/NAME@REVISION")
-        return InputSpec(name, spec, "hub")
-    ref = REFERENCE.match(spec)
-    if ref and "/" not in spec:
-        src, output = ref.groups()
-        if src not in recipe.stages:
-            raise ConfigError(f"{path}: {spec!r} references stage {src!r}, which is not in this recipe "
-                              f"(stages: {', '.join(recipe.stages)}); write a path with a slash for a file")
-        outputs = STAGE_TYPES[src].OUTPUTS
-        if output not in outputs:
-            raise ConfigError(f"{path}: stage {src!r} has no output {output!r}; it produces {', '.join(outputs)}")
-        return InputSpec(name, spec, "stage", src, output, recipe.stage_dir(src) / output)
-    if "/" not in spec and not Path(spec).exists():
-        raise ConfigError(f"{path}: {spec!r} is neither STAGE.OUTPUT, builtin:NAME, hub:ORG/NAME nor an existing path")
-    local = (base / spec).resolve() if not Path(spec).is_absolute() else Path(spec)
-    if not local.exists():
-        raise ConfigError(f"{path}: path {spec} does not exist (looked for {local})")
-    return InputSpec(name, spec, "path", path=local)
-
-
-def parse_recipe(data: dict, source: Path | None = None, overrides: list[str] | None = None) -> Recipe:
-    """Typed, resolved recipe from already-loaded YAML data (overrides applied first)."""
-    data = apply_overrides(copy.deepcopy(data), list(overrides or []))
-    recipe = from_dict(Recipe, data)
-    recipe.source, recipe.overrides = source, list(overrides or [])
-    if not recipe.stages:
-        raise ConfigError("stages: a recipe needs at least one stage")
-    for name, section in recipe.stages.items():
-        if name not in STAGE_TYPES:
-            import difflib
-
-            hint = difflib.get_close_matches(name, list(STAGE_TYPES), n=1)
-            extra = f"; did you mean {hint[0]}?" if hint else f"; known stages: {', '.join(STAGE_TYPES)}"
-            raise ConfigError(f"stages.{name}: unknown stage{extra}")
-        cls = STAGE_TYPES[name]
-        section = dict(section or {})
-        section["inputs"] = {**cls.DEFAULT_INPUTS, **(section.get("inputs") or {})}
-        recipe.settings[name] = from_dict(cls, section, f"stages.{name}")
-    base = Path.cwd()
-    for name, settings in recipe.settings.items():
-        recipe.inputs[name] = {k: _resolve_input(recipe, name, k, v, base) for k, v in settings.inputs.items()}
-    recipe.order()
-    _check_across_stages(recipe)
-    return recipe
-
-
-def _check_across_stages(recipe: Recipe) -> None:
-    prepare = recipe.settings.get("prepare")
-    if prepare is not None and prepare.block_size > recipe.model.max_seq_len:
-        raise ConfigError(f"stages.prepare.block_size: {prepare.block_size} exceeds the model's maximum "
-                          f"model.max_seq_len={recipe.model.max_seq_len}")
-
-
-def _read_yaml(path: Path, key: str) -> dict:
-    if not path.is_file():
-        raise ConfigError(f"{key}: recipe {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"recipe {path}: not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"recipe {path}: expected a mapping of keys, got {type(data).__name__}")
-    return data
-
-
-def _merge(base: dict, over: dict) -> dict:
-    """`over` on top of `base`: mappings merge key by key, anything else (lists included) replaces."""
-    out = dict(base)
-    for key, value in over.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def read_recipe_data(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
-    """A recipe file's mapping with its `base:` chain applied: `base: tiny.yaml` (relative to the file)
-    starts from that recipe and changes only what this file sets, so variants stay a few lines long."""
-    path = Path(path).resolve()
-    if path in _chain:
-        raise ConfigError(f"base: {path.name} makes a cycle ({' -> '.join(p.name for p in (*_chain, path))})")
-    data = _read_yaml(path, "base" if _chain else "recipe")
-    spec = data.pop("base", None)
-    if spec is None:
-        return data
-    if not isinstance(spec, str):
-        raise ConfigError(f"base: expected a recipe file name, got {spec!r} (in {path})")
-    return _merge(read_recipe_data(path.parent / spec, (*_chain, path)), data)
-
-
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"recipe {path} does not exist")
-    return parse_recipe(read_recipe_data(path), path.resolve(), overrides)

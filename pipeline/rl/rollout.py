@@ -11,13 +11,13 @@ whether or not it was padded to a longer neighbour.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.distributed as dist
 
-from pipeline.ppo_core import entropy_from_logits
+from pipeline.rl.ppo_core import entropy_from_logits
 
 
 @dataclass

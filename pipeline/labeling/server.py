@@ -1,6 +1,6 @@
 """The labeling page's HTTP server: stdlib ThreadingHTTPServer, one static page, a small JSON API.
 
-    python -m pipeline label --prompts given.jsonl --out labels/ --port 8765   # see pipeline/labeling.py
+    python -m pipeline label --prompts given.jsonl --out labels/ --port 8765   # see pipeline/labeling/store.py
 
 Safe by default: it binds 127.0.0.1 only, answers only requests whose Host is 127.0.0.1/localhost on
 its port (no DNS rebinding), takes POSTs only as application/json from its own origin, and sends a
@@ -27,7 +27,7 @@ from importlib import resources
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from pipeline.labeling import LabelError, LabelStore, display_order, export
+from pipeline.labeling.store import LabelError, LabelStore, display_order, export
 
 log = logging.getLogger("pipeline")
 HOST = "127.0.0.1"
@@ -113,7 +113,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             if path in STATIC:
                 name = STATIC[path]
-                body = resources.files("pipeline").joinpath("labeling_static", name).read_bytes()
+                body = resources.files("pipeline.labeling").joinpath("static", name).read_bytes()
                 return self.send(HTTPStatus.OK, body, CONTENT_TYPES[Path(name).suffix])
             if path == "/favicon.ico":
                 return self.send(HTTPStatus.NO_CONTENT, b"", "image/x-icon")

@@ -1,4 +1,4 @@
-"""Plan and run a recipe: stages in dependency order, each in its own process (pipeline/stage_process.py).
+"""Plan and run a recipe: stages in dependency order, each in its own process (pipeline/runner/process.py).
 
 A stage whose published manifest carries the fingerprint the recipe expects is skipped; a stage whose
 settings or inputs changed re-runs, and so does everything downstream (their input fingerprints change).
@@ -14,11 +14,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import artifacts
-from pipeline.config import ConfigError
-from pipeline.recipe import Recipe
-from pipeline.stage import RUN_START_ENV
-from pipeline.stage_process import run_stage
+from pipeline.recipe.config import ConfigError
+from pipeline.recipe.schema import Recipe
+from pipeline.runner import artifacts
+from pipeline.runner.process import run_stage
+from pipeline.runner.stage import RUN_START_ENV
 
 
 @dataclass
@@ -98,7 +98,7 @@ def format_plan(recipe: Recipe, stages: list[PlannedStage]) -> str:
 
 
 def launch_env(recipe: Recipe, stage: PlannedStage, run_start: float) -> dict[str, str]:
-    from pipeline.distributed import launch_env as distributed_env
+    from pipeline.train.distributed import launch_env as distributed_env
 
     env = dict(os.environ)
     env[RUN_START_ENV] = str(run_start)
@@ -147,7 +147,7 @@ def run(recipe: Recipe, only: list[str] | None = None, force: list[str] | None =
         print(f"[pipeline] {s.name}: done in {time.time() - start:.1f} s", flush=True)
     if (code := push_outputs(recipe, [s.name for s in stages if s.status != "skip"])) != 0:
         return code
-    from pipeline.report import build_report
+    from pipeline.runner.report import build_report
 
     report = build_report(recipe.run_path)
     print(f"[pipeline] all stages done in {time.time() - run_start:.1f} s; outputs in {recipe.run_path}; report {report}")
@@ -157,7 +157,7 @@ def run(recipe: Recipe, only: list[str] | None = None, force: list[str] | None =
 def push_outputs(recipe: Recipe, names: list[str]) -> int:
     """Upload the outputs of done stages that have `push:` and are not yet on the hub; a failed push
     leaves the stage done (its outputs are fine) and exits non-zero."""
-    from pipeline.hub import PushError, pending_pushes, push_stage_outputs
+    from pipeline.hub.push import PushError, pending_pushes, push_stage_outputs
 
     for name in names:
         settings = recipe.settings[name].push
@@ -174,4 +174,4 @@ def push_outputs(recipe: Recipe, names: list[str]) -> int:
 
 
 def default_recipe() -> Path:
-    return Path(__file__).resolve().parent.parent / "recipes" / "tiny.yaml"
+    return Path(__file__).resolve().parents[2] / "recipes" / "tiny.yaml"

@@ -1,7 +1,7 @@
 """The one training loop: optimizer, schedule, accumulation, eval, logging, checkpoints, resume.
 
 Stages own only what is theirs: the model, the data and a `loss_fn(model, batch) -> (loss, aux)`
-(pretraining: `pipeline.models.causal_lm_loss`). Everything else lives here:
+(pretraining: `pipeline.train.models.causal_lm_loss`). Everything else lives here:
 
 * AdamW (or Muon for hidden matrices, `optimizer: muon`); weight decay only on matrices (biases,
   norms and embeddings are not decayed); the input embedding may get its own rate (embedding_lr_scale).
@@ -37,15 +37,16 @@ import math
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from pipeline import distributed
-from pipeline.packing import read_rows
-from pipeline.settings import TrainSettings, muon_under_deepspeed
+from pipeline.data.packing import read_rows
+from pipeline.recipe.settings import TrainSettings, muon_under_deepspeed
+from pipeline.train import distributed
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{6,})$")
 STATE_FILE = "trainer_state.json"
@@ -92,7 +93,7 @@ def build_optimizer(model, settings: TrainSettings, fused: bool = False) -> torc
         adamw_groups.append({"params": [scaled], "weight_decay": 0.0, "lr_scale": settings.embedding_lr_scale})
     betas = (settings.beta1, settings.beta2)
     if settings.optimizer == "muon":
-        from pipeline.muon import MuonWithAdamW
+        from pipeline.train.muon import MuonWithAdamW
 
         return MuonWithAdamW(matrices, adamw_groups, lr=settings.learning_rate, weight_decay=settings.weight_decay,
                              betas=betas, momentum=settings.muon_momentum, fused=fused)
@@ -489,7 +490,7 @@ def make_lm_evaluator(accelerator, val_data, collate, micro_batch_size: int, max
     (max_batches None: the whole validation split).
 
     val_loss: mean CE (nats) per target token. val_bpb: CE summed over targets that stand for text
-    (byte length > 0), / ln 2, / their bytes (pipeline.packing.token_byte_lengths). Every rank runs
+    (byte length > 0), / ln 2, / their bytes (pipeline.data.packing.token_byte_lengths). Every rank runs
     the same number of forwards (ZeRO-3 gathers parameters collectively); ranks short of data
     repeat block 0 with zero weight.
     """

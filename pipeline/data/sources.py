@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.recipe import InputSpec
-from pipeline.stage import StageError
+from pipeline.recipe.schema import InputSpec
+from pipeline.runner.stage import StageError
 
 TEXT_SUFFIXES = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
@@ -29,7 +29,7 @@ def load_dataset_input(spec: InputSpec, validation_fraction: float = 0.05, seed:
     import datasets
 
     if spec.kind == "builtin":
-        from pipeline.corpus import build_corpus
+        from pipeline.data.corpus import build_corpus
 
         return build_corpus(spec.spec.split(":", 1)[1])
     if spec.kind == "hub":

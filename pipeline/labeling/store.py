@@ -26,7 +26,7 @@ import shutil
 import sys
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from itertools import combinations
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,7 @@ class LabelError(ValueError):
 
 
 def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 # --- reading prompts and sessions ---
@@ -125,7 +125,7 @@ def items_from_rows(rows: list[dict], source: str, need_responses: bool) -> list
 
 def write_samples(folder: Path, items: list[dict], session: dict) -> None:
     """The session's prompts and responses, written once and atomically (a half-written folder is no session)."""
-    from pipeline.artifacts import write_json_atomic
+    from pipeline.runner.artifacts import write_json_atomic
 
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{SAMPLES}.tmp-{os.getpid()}"
@@ -334,7 +334,7 @@ def preference_ranking(item: dict, judgement: dict, correction_preferred: str) -
 
 def judgement_rows(item: dict, judgement: dict, correction_preferred: str) -> dict[str, list[dict]]:
     """The rows one judgement adds to each exported format."""
-    from pipeline.preferences import ranking_pairs
+    from pipeline.data.preferences import ranking_pairs
 
     who = {"id": item["id"], "labeler": judgement["labeler"]}
     prompt = item["prompt"]
@@ -439,7 +439,7 @@ def final_judgements(store: LabelStore) -> list[dict]:
 
 
 def judgements_fingerprint(store: LabelStore, judgements: list[dict]) -> str:
-    from pipeline.artifacts import fingerprint
+    from pipeline.runner.artifacts import fingerprint
 
     content = [{k: j[k] for k in ("id", "labeler", "ranks", "scores", "all_bad", "correction")} for j in judgements]
     samples = hashlib.sha256((store.folder / SAMPLES).read_bytes()).hexdigest()
@@ -451,7 +451,7 @@ def export(folder: Path, out: Path, validation_fraction: float = 0.1, correction
     out) and OUT/judgements.jsonl with a manifest (stage "label"); returns the manifest."""
     import datasets
 
-    from pipeline import artifacts
+    from pipeline.runner import artifacts
 
     if correction_preferred not in CORRECTION_PREFERRED:
         raise LabelError(f"correction_preferred: expected one of {', '.join(CORRECTION_PREFERRED)}")
@@ -595,7 +595,7 @@ def import_labels(path: Path, folder: Path, labeler: str | None = None) -> int:
 
 def resolve_model(source: str) -> Path:
     """A checkpoint folder, or a recipe: its published `sft` model, else its `ppo` model."""
-    from pipeline.artifacts import read_manifest
+    from pipeline.runner.artifacts import read_manifest
 
     path = Path(source)
     if path.is_dir():
@@ -603,7 +603,7 @@ def resolve_model(source: str) -> Path:
             raise LabelError(f"{path} holds no checkpoint (config.json missing)")
         return path
     if path.is_file() and path.suffix in (".yaml", ".yml"):
-        from pipeline.recipe import load_recipe
+        from pipeline.recipe.schema import load_recipe
 
         recipe = load_recipe(path)
         for stage in ("sft", "ppo"):
@@ -622,7 +622,7 @@ def sample_responses(model_dir: Path, prompts: list[str], k: int, max_new_tokens
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline import chat_data
+    from pipeline.data import chat as chat_data
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -668,82 +668,3 @@ def start_session(folder: Path, prompts: Path | None, source: str | None, k: int
         info["source"] = {"kind": "given"}
     write_samples(folder, items, info)
     return LabelStore(folder)
-
-
-# --- command line ---
-
-def add_label_commands(sub) -> None:
-    """The `label`, `label-export` and `label-import` subcommands of `python -m pipeline`."""
-    import getpass
-
-    try:
-        default_labeler = getpass.getuser()
-    except (KeyError, OSError):
-        default_labeler = "anonymous"
-    p = sub.add_parser("label", help="label responses in a local web page (samples them from a checkpoint first)")
-    p.add_argument("source", nargs="?", help="checkpoint folder, or a recipe (its sft model, else its ppo model); "
-                                             "not needed when the prompts carry responses")
-    p.add_argument("--prompts", help="JSONL/JSON/parquet/datasets folder with `prompt` (or `messages`) and optional `responses`")
-    p.add_argument("--out", required=True, help="session folder (created, or resumed when it exists)")
-    p.add_argument("--responses", type=int, default=4, metavar="K", help="responses sampled per prompt (default 4)")
-    p.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: a free one)")
-    p.add_argument("--labeler", default=default_labeler, help=f"name stored with each judgement (default {default_labeler})")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--export-dir", help="where the page's Export button publishes (default OUT/export)")
-    e = sub.add_parser("label-export", help="publish a session's judgements as reward/SFT datasets, or as JSONL")
-    e.add_argument("session")
-    e.add_argument("--out", help="export folder: rankings/, ratings/, pairs/, sft/, judgements.jsonl, manifest.json")
-    e.add_argument("--validation-fraction", type=float, default=0.1)
-    e.add_argument("--correction-preferred", choices=CORRECTION_PREFERRED, default="all_bad",
-                   help="rank a correction above the responses: when marked all bad (default), always, never")
-    e.add_argument("--samples-jsonl", help="also write the prompts and responses as JSONL (for another labeling tool)")
-    e.add_argument("--labels-jsonl", help="also write the latest judgements as JSONL (the label-import format)")
-    i = sub.add_parser("label-import", help="append judgements from a labels JSONL file to a session")
-    i.add_argument("file")
-    i.add_argument("--dir", required=True, help="session folder (created from the file's prompts and responses if new)")
-    i.add_argument("--labeler", help="labeler of lines that name none")
-
-
-def run_label_command(args) -> int:
-    from pipeline.config import ConfigError
-
-    try:
-        if args.command == "label":
-            from pipeline.labeling_server import serve
-
-            if args.source is None and args.prompts is None and not is_session(Path(args.out)):
-                raise LabelError("give a checkpoint or recipe to sample from, or --prompts with responses")
-            store = start_session(Path(args.out), Path(args.prompts) if args.prompts else None, args.source,
-                                  args.responses, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                  top_p=args.top_p, seed=args.seed)
-            serve(store, check_labeler(args.labeler), args.port,
-                  Path(args.export_dir) if args.export_dir else store.folder / "export")
-            return 0
-        if args.command == "label-export":
-            if not (args.out or args.samples_jsonl or args.labels_jsonl):
-                raise LabelError("nothing to do: give --out, --samples-jsonl and/or --labels-jsonl")
-            if args.samples_jsonl:
-                print(f"wrote {export_samples_jsonl(Path(args.session), Path(args.samples_jsonl))} prompts to {args.samples_jsonl}")
-            if args.labels_jsonl:
-                print(f"wrote {export_labels_jsonl(Path(args.session), Path(args.labels_jsonl))} judgements to {args.labels_jsonl}")
-            if args.out:
-                manifest = export(Path(args.session), Path(args.out), args.validation_fraction, args.correction_preferred)
-                m = manifest["metrics"]
-                rows = ", ".join(f"{k}: {sum(v.values())}" for k, v in m["rows"].items())
-                print(f"published {args.out} ({m['judgements']} judgements by {len(m['labelers'])} labeler(s); rows {rows})")
-                overall = m["agreement"]["overall"]
-                if overall["compared_pairs"]:
-                    print(f"labeler agreement {overall['agreement_rate']:.3f} on {overall['compared_pairs']} pairs; "
-                          f"mean Kendall tau {overall['kendall_tau']}")
-            return 0
-        if args.command == "label-import":
-            n = import_labels(Path(args.file), Path(args.dir), args.labeler)
-            print(f"imported {n} judgements into {args.dir}")
-            return 0
-    except (LabelError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    raise ValueError(args.command)

@@ -12,20 +12,9 @@ import json
 import os
 from pathlib import Path
 
-from pipeline.artifacts import MANIFEST, read_manifest
+from pipeline.recipe.stages import STAGE_TYPES
+from pipeline.runner.artifacts import MANIFEST, read_manifest
 
-# (stage, file, x key, y key, title, y label): the curves people look at
-CURVES = [
-    ("pretrain", "train_log.jsonl", "step", "loss", "pretraining loss", "loss (nats/token)"),
-    ("pretrain", "metrics.jsonl", "step", "val_bpb", "pretraining validation bits per byte", "bits per byte"),
-    ("sft", "train_log.jsonl", "step", "loss", "SFT loss", "loss (nats/token)"),
-    ("sft", "metrics.jsonl", "step", "val_loss", "SFT validation loss", "loss (nats/token)"),
-    ("reward", "train_log.jsonl", "step", "loss", "reward-model loss", "Bradley-Terry loss"),
-    ("reward", "metrics.jsonl", "step", "val_accuracy", "reward-model held-out accuracy", "pairwise accuracy"),
-    ("ppo", "train_log.jsonl", "step", "reward/raw", "PPO reward", "reward-model score"),
-    ("ppo", "train_log.jsonl", "step", "kl", "PPO KL to reference", "KL (nats/response)"),
-    ("ppo", "train_log.jsonl", "step", "response_length", "PPO response length", "tokens"),
-]
 KEY_METRICS = ("vocab_size", "bytes_per_token_validation", "train_blocks", "parameters", "steps", "final_val_loss",
                "final_val_bpb", "final_val_accuracy", "tokens_per_s", "final_reward_raw", "final_kl",
                "pass_rate", "judge_sft", "judge_ppo", "win_rate_ppo_vs_sft_judge", "kl_ppo_to_sft")
@@ -61,7 +50,8 @@ def plot_curves(run_dir: Path, out_dir: Path) -> list[tuple[str, Path]]:
     import matplotlib.pyplot as plt
 
     made = []
-    for stage, file, x, y, title, ylabel in CURVES:
+    curves = [(stage, *curve) for stage, cls in STAGE_TYPES.items() for curve in cls.CURVES]  # declared per stage
+    for stage, file, x, y, title, ylabel in curves:
         rows = [r for r in _rows(run_dir / stage / file) if r.get(y) is not None]
         if not rows:
             continue
