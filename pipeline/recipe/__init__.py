@@ -9,8 +9,8 @@
 Modules: `config` (the YAML -> dataclass mechanism: `from_dict`, `ConfigError` naming the key path),
 `schema` (`Recipe`, inputs, `base:` variants, overrides), `settings` (model, training loop and push
 settings shared by stages), `ppo_settings` (PPO's algorithm), `stages` (one settings class per stage
-type, which is also the stage's declaration, and `STAGE_TYPES`). A settings field is documented by the
-docstring (or comment) under it.
+type, which is also the stage's declaration, and `STAGE_TYPES`). Every settings field is documented by the
+docstring under it.
 """
 
 from pipeline.recipe.config import ConfigError, from_dict, to_dict

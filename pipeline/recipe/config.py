@@ -109,7 +109,7 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{_join(path, name)}: required key is missing")
     try:
-        obj = cls(**kwargs)  # a __post_init__ may validate already
+        obj = cls(**kwargs)
     except ConfigError as e:
         raise ConfigError(_join(path, str(e))) from None
     validate = getattr(obj, "validate", None)
@@ -148,7 +148,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. stages.pretrain.train.max_steps=10")
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. stages.pretrain.max_steps=10")
         key, raw = item.split("=", 1)
         parts = key.strip().split(".")
         node = data

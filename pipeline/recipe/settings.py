@@ -1,7 +1,7 @@
 """Typed settings shared by several stages: the model shape and the training loop.
 
 Plain dataclasses with defaults; `pipeline.recipe.config` fills them from recipe YAML strictly. Each field's
-meaning is the comment under it. `validate()` raises `ConfigError` with the offending key; the key path
+meaning is the docstring under it. `validate()` raises `ConfigError` with the offending key; the key path
 prefix is added by the caller. No heavy imports here: `plan` must stay fast.
 """
 
@@ -26,33 +26,33 @@ MODEL_SIZES: dict[str, tuple[int, int, int, int, int]] = {
 @dataclass
 class ModelSettings:
     family: Literal["dense", "moe"] = "dense"
-    # dense: transformers Llama (RoPE, RMSNorm, SwiGLU, GQA); moe: transformers Qwen3-MoE (softmax top-k)
+    """dense: transformers Llama (RoPE, RMSNorm, SwiGLU, GQA); moe: transformers Qwen3-MoE (softmax top-k)"""
     size: str = "tiny"
-    # a preset from MODEL_SIZES; the fields below override single dimensions when set
+    """a preset from MODEL_SIZES; the fields below override single dimensions when set"""
     n_layers: int | None = None
     d_model: int | None = None
     n_heads: int | None = None
     n_kv_heads: int | None = None
     ffn_dim: int | None = None
-    # SwiGLU hidden width (per expert for moe)
+    """SwiGLU hidden width (per expert for moe)"""
     max_seq_len: int = 1024
-    # maximum positions the model supports; the pretraining block size must not exceed it
+    """maximum positions the model supports; the pretraining block size must not exceed it"""
     rope_theta: float = 10000.0
     tie_embeddings: bool = True
     n_experts: int = 8
-    # moe only: experts per layer
+    """moe only: experts per layer"""
     top_k: int = 2
-    # moe only: experts each token is routed to
+    """moe only: experts each token is routed to"""
     aux_loss_coef: float = 0.01
-    # moe only: weight of the load-balancing loss (Switch/Mixtral style)
+    """moe only: weight of the load-balancing loss (Switch/Mixtral style)"""
     z_loss_coef: float = 0.001
-    # moe only: weight of the router z-loss (ST-MoE), computed from the router logits
+    """moe only: weight of the router z-loss (ST-MoE), computed from the router logits"""
     attention: Literal["auto", "triton", "sdpa", "eager"] = "auto"
-    # auto: our Triton flash-attention on CUDA, PyTorch SDPA on CPU
+    """auto: our Triton flash-attention on CUDA, PyTorch SDPA on CPU"""
     init_std: float = 0.02
     residual_init: Literal["normal", "zero"] = "normal"
-    # zero: attention output and MLP down projections start at zero, so every block starts as the
-    # identity (modded-nanogpt's init); normal: N(0, init_std) like every other matrix
+    """zero: attention output and MLP down projections start at zero, so every block starts as the identity
+    (modded-nanogpt's init); normal: N(0, init_std) like every other matrix"""
 
     def validate(self) -> None:
         if self.size not in MODEL_SIZES:
@@ -88,27 +88,27 @@ def muon_under_deepspeed(config: str = "DeepSpeed ZeRO") -> ConfigError:
 @dataclass
 class TrainSettings:
     max_steps: int = 100
-    # optimizer steps
+    """optimizer steps"""
     max_train_seconds: float | None = None
-    # a wall-clock budget for the training loop (resumed runs continue it): training stops at
-    # max_steps or when the budget is spent, whichever comes first, and the schedule follows
-    # whichever is further along (a cluster job's time limit; a time-to-quality benchmark). The
-    # steps taken then depend on the machine's speed, so the loss curve is not reproducible
+    """a wall-clock budget for the training loop (resumed runs continue it): training stops at max_steps or when
+    the budget is spent, whichever comes first, and the schedule follows whichever is further along (a cluster
+    job's time limit; a time-to-quality benchmark). The steps taken then depend on the machine's speed, so the
+    loss curve is not reproducible"""
     micro_batch_size: int = 8
-    # sequences per process per forward
+    """sequences per process per forward"""
     grad_accum_steps: int = 1
     learning_rate: float = 3e-4
     embedding_lr_scale: float = 1.0
-    # the input embedding's learning rate as a multiple of learning_rate (AdamW either way): a lookup
-    # table's rows see few, small gradients; with untied embeddings a larger rate trains them faster
+    """the input embedding's learning rate as a multiple of learning_rate (AdamW either way): a lookup table's rows
+    see few, small gradients; with untied embeddings a larger rate trains them faster"""
     optimizer: Literal["adamw", "muon"] = "adamw"
-    # muon: torch's Muon for hidden weight matrices (update RMS matched to AdamW, same lr and
-    # schedule), AdamW for embeddings, head, norms; not with DeepSpeed (ZeRO flattens the matrices)
+    """muon: torch's Muon for hidden weight matrices (update RMS matched to AdamW, same lr and schedule), AdamW for
+    embeddings, head, norms; not with DeepSpeed (ZeRO flattens the matrices)"""
     muon_momentum: float = 0.95
     min_lr_ratio: float = 0.1
-    # the schedule decays to learning_rate * min_lr_ratio
+    """the schedule decays to learning_rate * min_lr_ratio"""
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
-    # cosine: warmup then cosine decay; wsd: warmup, stable, linear decay over the last decay_fraction
+    """cosine: warmup then cosine decay; wsd: warmup, stable, linear decay over the last decay_fraction"""
     warmup_steps: int = 10
     decay_fraction: float = 0.2
     weight_decay: float = 0.1
@@ -116,16 +116,16 @@ class TrainSettings:
     beta2: float = 0.95
     grad_clip: float = 1.0
     eval_every: int = 50
-    # steps between validation evaluations (and a final one at the end)
+    """steps between validation evaluations (and a final one at the end)"""
     eval_batches: int | None = 8
-    # validation micro batches per evaluation (per process); null: the whole validation split
+    """validation micro batches per evaluation (per process); null: the whole validation split"""
     save_every: int = 50
-    # steps between resumable checkpoints (accelerate save_state)
+    """steps between resumable checkpoints (accelerate save_state)"""
     keep_checkpoints: int = 2
     log_every: int = 10
     activation_checkpointing: bool = False
     compile: bool = False
-    # torch.compile the model (GPU)
+    """torch.compile the model (GPU)"""
 
     def validate(self) -> None:
         require_at_least(self, ("max_steps", "micro_batch_size", "grad_accum_steps", "eval_every", "eval_batches",
@@ -154,16 +154,16 @@ class PushSettings:
     """`stages.NAME.push:` in a recipe: push the stage's outputs after it succeeds."""
 
     repo: str
-    # hub repo ORG/NAME; a dataset output goes to the dataset repo of that name
+    """hub repo ORG/NAME; a dataset output goes to the dataset repo of that name"""
     private: bool = False
-    # create the repo private (an existing repo keeps its visibility)
+    """create the repo private (an existing repo keeps its visibility)"""
     revision: str | None = None
-    # branch to push to (created from main when missing); none: main
+    """branch to push to (created from main when missing); none: main"""
     license: str = "apache-2.0"
-    # the card's license
+    """the card's license"""
     outputs: list[str] | None = None
-    # which of the stage's outputs to push; none: its primary one (model, else dataset, else tokenizer).
-    # When two pushed outputs need the same kind of repo, the later ones go to REPO-OUTPUT.
+    """which of the stage's outputs to push; none: its primary one (model, else dataset, else tokenizer). When two
+    pushed outputs need the same kind of repo, the later ones go to REPO-OUTPUT."""
 
     def validate(self) -> None:
         if not REPO_ID.match(self.repo):

@@ -55,11 +55,11 @@ def stage_type(name: str):
 @dataclass
 class Launch:
     num_processes: int = 1
-    # processes for `accelerate launch` (only for stages that train)
+    """processes for `accelerate launch` (only for stages that train)"""
     config_file: str | None = None
-    # accelerate config file (DeepSpeed ZeRO, multi-node, ...); none: plain single process
+    """accelerate config file (DeepSpeed ZeRO, multi-node, ...); none: plain single process"""
     extra_args: list[str] = field(default_factory=list)
-    # passed to `accelerate launch` as they are (e.g. ["--main_process_port", "29511"])
+    """passed to `accelerate launch` as they are (e.g. ["--main_process_port", "29511"])"""
 
     def validate(self) -> None:
         if self.num_processes < 1:
@@ -75,7 +75,7 @@ class StageSettings:
     inputs: dict[str, str] = field(default_factory=dict)
     launch: Launch = field(default_factory=Launch)
     push: PushSettings | None = None
-    # upload the outputs to a hub after the stage succeeds (pipeline/hub/push.py; not part of the fingerprint)
+    """upload the outputs to a hub after the stage succeeds (pipeline/hub/push.py; not part of the fingerprint)"""
 
     INPUTS: ClassVar[dict[str, str]] = {}  # input name -> what it must be (text, tokenizer, dataset, model)
     DEFAULT_INPUTS: ClassVar[dict[str, str]] = {}
@@ -107,9 +107,9 @@ class TokenizerSettings(StageSettings):
     vocab_size: int = 2048
     min_frequency: int = 2
     max_train_chars: int = 5_000_000
-    # characters of training text fed to the BPE trainer (a prefix of the shuffled train split)
+    """characters of training text fed to the BPE trainer (a prefix of the shuffled train split)"""
     validation_fraction: float = 0.05
-    # held out from sources that have no validation split
+    """held out from sources that have no validation split"""
 
     INPUTS: ClassVar = {"corpus": "text"}
     DEFAULT_INPUTS: ClassVar = {"corpus": "builtin:stdlib"}
@@ -128,10 +128,10 @@ class TokenizerSettings(StageSettings):
 @dataclass
 class PrepareSettings(StageSettings):
     block_size: int = 256
-    # tokens per packed training sequence
+    """tokens per packed training sequence"""
     validation_fraction: float = 0.05
     num_proc: int | None = None
-    # worker processes for tokenization; none: all cores
+    """worker processes for tokenization; none: all cores"""
 
     INPUTS: ClassVar = {"corpus": "text", "tokenizer": "tokenizer"}
     DEFAULT_INPUTS: ClassVar = {"corpus": "builtin:stdlib"}
@@ -162,8 +162,8 @@ def validate_training_stage(stage: StageSettings | TrainSettings) -> None:
 @dataclass
 class PretrainSettings(StageSettings, TrainSettings):
     shift_blocks: bool = False
-    # every epoch after the first reads the packed token stream at a new offset (pipeline.data.packing.
-    # ShiftedBlocks), so repeated passes over a small corpus see new contexts, not the same blocks
+    """every epoch after the first reads the packed token stream at a new offset (pipeline.data.packing.
+    ShiftedBlocks), so repeated passes over a small corpus see new contexts, not the same blocks"""
 
     INPUTS: ClassVar = {"data": "dataset", "tokenizer": "tokenizer"}
     OUTPUTS: ClassVar = ("model",)
@@ -204,7 +204,7 @@ class ChatTrainSettings(StageSettings, TrainSettings):
     """A training stage that starts from a checkpoint and reads chat-formatted data (SFT, reward)."""
 
     max_length: int = 256
-    # tokens per example; SFT truncates the end, the reward model keeps the end (its score is read there)
+    """tokens per example; SFT truncates the end, the reward model keeps the end (its score is read there)"""
 
     INPUTS: ClassVar = {"model": "model", "data": "dataset"}
     OUTPUTS: ClassVar = ("model",)
@@ -220,14 +220,14 @@ class ChatTrainSettings(StageSettings, TrainSettings):
 @dataclass
 class SFTSettings(ChatTrainSettings):
     messages_column: str = "messages"
-    # a list of {role, content}; rendered with the tokenizer's chat template
+    """a list of {role, content}; rendered with the tokenizer's chat template"""
     prompt_column: str | None = None
     completion_column: str | None = None
-    # instead of messages: build a user/assistant pair from these two columns
+    """instead of messages: build a user/assistant pair from these two columns"""
     packing: bool = False
-    # several conversations per row up to max_length, position ids restarting (no attention across them)
+    """several conversations per row up to max_length, position ids restarting (no attention across them)"""
     sample_prompts: int = 4
-    # validation prompts answered greedily after training (manifest and logs)
+    """validation prompts answered greedily after training (manifest and logs)"""
     max_new_tokens: int = 64
 
     CURVES: ClassVar = (Curve(TRAIN_LOSS, "step", "loss", "SFT loss", "loss (nats/token)"),
@@ -243,11 +243,11 @@ class SFTSettings(ChatTrainSettings):
 @dataclass
 class RewardSettings(ChatTrainSettings):
     format: Literal["auto", "pairs", "rankings", "ratings"] = "auto"
-    # auto: detected from the columns (pipeline/data/preferences.py lists them)
+    """auto: detected from the columns (pipeline/data/preferences.py lists them)"""
     use_margin: bool = False
-    # subtract the pair's margin (rating/rank difference, or a `margin` column) inside the loss (Llama 2)
+    """subtract the pair's margin (rating/rank difference, or a `margin` column) inside the loss (Llama 2)"""
     min_rating_gap: float = 0.0
-    # ratings: two responses form a pair only when their ratings differ by more than this
+    """ratings: two responses form a pair only when their ratings differ by more than this"""
 
     CURVES: ClassVar = (Curve(TRAIN_LOSS, "step", "loss", "reward-model loss", "Bradley-Terry loss"),
                         Curve(EVALUATIONS, "step", "val_accuracy", "reward-model held-out accuracy", "pairwise accuracy"))
@@ -264,18 +264,18 @@ class PPOStageSettings(StageSettings, PPOSettings):
     """PPO's algorithm settings (pipeline/recipe/ppo_settings.py) plus the loop around them."""
 
     max_steps: int = 100
-    # PPO iterations: each samples `batch_size` prompts per process, then runs ppo_epochs over them
+    """PPO iterations: each samples `batch_size` prompts per process, then runs ppo_epochs over them"""
     batch_size: int = 16
-    # prompts per process per iteration (episodes per iteration = batch_size x processes)
+    """prompts per process per iteration (episodes per iteration = batch_size x processes)"""
     learning_rate: float = 1e-5
     value_learning_rate: float | None = None
-    # none: learning_rate
+    """none: learning_rate"""
     weight_decay: float = 0.0
     max_prompt_length: int = 128
-    # prompt tokens kept (from the end, so the assistant header stays)
+    """prompt tokens kept (from the end, so the assistant header stays)"""
     prompt_column: str = "prompt"
     normalize_rewards: bool = True
-    # read reward_mean/reward_std from the reward model's reward_stats.json (else the values given here)
+    """read reward_mean/reward_std from the reward model's reward_stats.json (else the values given here)"""
     save_every: int = 25
     keep_checkpoints: int = 2
     log_every: int = 1
@@ -303,19 +303,19 @@ class PPOStageSettings(StageSettings, PPOSettings):
 @dataclass
 class EvaluateSettings(StageSettings):
     n_prompts: int = 200
-    # held-out prompts each causal checkpoint answers (judge score, reward-model win rate)
+    """held-out prompts each causal checkpoint answers (judge score, reward-model win rate)"""
     max_new_tokens: int = 64
     temperature: float = 0.0
-    # 0: greedy answers; > 0: sampled at this temperature (seeded)
+    """0: greedy answers; > 0: sampled at this temperature (seeded)"""
     kl_temperature: float = 1.0
-    # sampling temperature for the PPO-to-SFT KL estimate (use PPO's own)
+    """sampling temperature for the PPO-to-SFT KL estimate (use PPO's own)"""
     batch_size: int = 32
     bpb_batches: int = 16
-    # batches of packed validation blocks for bits per byte
+    """batches of packed validation blocks for bits per byte"""
     ngram: int = 8
-    # word n-gram size of the contamination check
+    """word n-gram size of the contamination check"""
     n_samples: int = 8
-    # sample generations shown in the results and the report
+    """sample generations shown in the results and the report"""
 
     INPUTS: ClassVar = {"prompts": "dataset", "pretrain": "model", "sft": "model", "ppo": "model", "reward": "model",
                         "data": "dataset", "corpus": "text", "sft_data": "dataset", "preferences": "dataset"}

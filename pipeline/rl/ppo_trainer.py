@@ -132,6 +132,7 @@ class PPOTrainer:
         None) and gradient clipping is the DeepSpeed config's `gradient_clipping`, not max_grad_norm.
         Under ZeRO-3 with zero3_init_flag, models made with a plain constructor after the Accelerator
         exists fail in transformers' weight init: build those before it (from_pretrained is fine)."""
+        settings.validate()  # recipes validate at parse; this catches settings built in code
         self.settings = s = settings
         self.accelerator = accelerator
         self.reward_fn = reward_fn
