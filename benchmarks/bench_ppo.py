@@ -235,7 +235,6 @@ def run_ours(args) -> dict:
         temperature=args.temperature, max_new_tokens=args.response_length, top_k=None, ppo_epochs=args.ppo_epochs,
         num_minibatches=args.num_minibatches, kl_coef=args.kl_coef, missing_eos_penalty=args.missing_eos_penalty,
         max_grad_norm=None,  # TRL 1.12's PPO loop does not clip gradients
-        seed=args.seed,
     )
     # TRL: one AdamW (fused, the transformers default on torch >= 2.8) over policy + value; per-parameter
     # Adam makes two optimizers over the same parameters the same update
@@ -243,6 +242,7 @@ def run_ours(args) -> dict:
     trainer = PPOTrainer(
         policy, ref, value, lambda ids, mask: reward_model_scores(reward, ids, mask), tokenizer, settings,
         Accelerator(cpu=True), torch.optim.AdamW(policy.parameters(), **opt), torch.optim.AdamW(value.parameters(), **opt),
+        seed=args.seed,
     )
     load_s = time.perf_counter() - t_load
     gc_ms = _gc_collect_ms()

@@ -89,21 +89,13 @@ def export(accelerator, trainer, tokenizer, ctx: StageContext) -> None:
 
 def run(ctx: StageContext[PPOStageSettings]) -> None:
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
     from pipeline.recipe.ppo_settings import PPOSettings
     from pipeline.rl.ppo_trainer import PPOTrainer, prepare_frozen
     from pipeline.rl.rollout import reward_model_scores
     from pipeline.train.distributed import describe, finish, make_accelerator
-    from pipeline.train.loop import (
-        TrainerState,
-        append_jsonl,
-        next_global_batch,
-        resume_latest,
-        save_checkpoint,
-        truncate_jsonl,
-    )
+    from pipeline.train.loop import StepResult, run_loop
     from pipeline.train.models import attn_implementation
 
     s = ctx.settings
@@ -120,53 +112,38 @@ def run(ctx: StageContext[PPOStageSettings]) -> None:
     set_seed(ctx.seed)
     policy, reference, value, reward = load_models(ctx, attn_implementation(ctx.recipe.model.attention))
     algo = {f: getattr(s, f) for f in PPOSettings.__dataclass_fields__}
-    algo.update(reward_mean=mean, reward_std=std, seed=ctx.seed)
+    algo.update(reward_mean=mean, reward_std=std)
     optim = lambda params, lr: torch.optim.AdamW(params, lr=lr, weight_decay=s.weight_decay, eps=1e-5)  # noqa: E731
     trainer = PPOTrainer(policy, reference, value, None, SimpleNamespace(
         pad_token_id=tokenizer.pad_token_id, eos_token_id=chat_data.stop_token_ids(tokenizer)),
         PPOSettings(**algo), accelerator, optim(policy.parameters(), s.learning_rate),
-        optim(value.parameters(), s.value_learning_rate or s.learning_rate))
+        optim(value.parameters(), s.value_learning_rate or s.learning_rate), seed=ctx.seed)
     reward = prepare_frozen(reward, accelerator)
     trainer.reward_fn = lambda ids, mask: reward_model_scores(reward, ids, mask)
     accelerator.register_for_checkpointing(trainer)  # KL controller, counters, sampling RNG
 
-    state = resume_latest(accelerator, ctx.work_dir)
-    log_file = ctx.work_dir / "train_log.jsonl"
-    if accelerator.is_main_process:
-        truncate_jsonl(log_file, state.step)
-        if state.step:
-            log.info("resumed from checkpoint at step %d", state.step)
     world, rank = accelerator.num_processes, accelerator.process_index
     global_batch = s.batch_size * world
     if len(prompts) < global_batch:
         raise StageError(f"input prompts: {len(prompts)} prompts, fewer than one batch of {global_batch}")
-    bar = tqdm(total=s.max_steps, initial=state.step, disable=not accelerator.is_local_main_process, desc="ppo",
-               dynamic_ncols=True)
-    started, first_step = time.time(), state.step
-    metrics: dict = {}
-    while state.step < s.max_steps:
-        indices, state = next_global_batch(state, ctx.seed, len(prompts), global_batch)
+
+    def ppo_step(state, indices, time_fraction) -> StepResult:  # one rollout, then ppo_epochs of updates
         mine = indices[rank * s.batch_size:(rank + 1) * s.batch_size]
         metrics = trainer.step([prompts[int(i)] for i in mine])
-        state = TrainerState(state.step + 1, state.epoch, state.offset, state.tokens + int(metrics["response_length"] * global_batch))
-        if not all(torch.isfinite(torch.tensor(v)) for v in metrics.values()):
-            raise StageError(f"non-finite PPO metrics at step {state.step}: {metrics}; the last good checkpoint is kept")
-        row = {"step": state.step, **metrics, "elapsed_s": round(time.time() - ctx.run_start, 3)}
-        if accelerator.is_main_process:
-            append_jsonl(log_file, row)
-        if state.step % s.log_every == 0:
-            accelerator.log({f"ppo/{k}": v for k, v in metrics.items()}, step=state.step)
-            bar.set_postfix(reward=f"{metrics['reward/raw']:.3f}", kl=f"{metrics['kl']:.3f}",
-                            len=f"{metrics['response_length']:.1f}")
-        bar.update(1)
-        if state.step % s.save_every == 0 or state.step == s.max_steps:
-            save_checkpoint(accelerator, state, ctx.work_dir, s.keep_checkpoints)
-    bar.close()
+        return StepResult(tokens=int(metrics["response_length"] * global_batch),
+                          row={**metrics, "elapsed_s": round(time.time() - ctx.run_start, 3)},
+                          scalars={f"ppo/{k}": v for k, v in metrics.items()},
+                          postfix={"reward": f"{metrics['reward/raw']:.3f}", "kl": f"{metrics['kl']:.3f}",
+                                   "len": f"{metrics['response_length']:.1f}"})
+
+    state, summary = run_loop(accelerator, trainer.model, ppo_step, s, ctx.work_dir, seed=ctx.seed,
+                              n_examples=len(prompts), global_batch=global_batch, run_start=ctx.run_start,
+                              desc="ppo", prefix="ppo/")
     export(accelerator, trainer, tokenizer, ctx)
     if accelerator.is_main_process:
-        seconds = time.time() - started
+        seconds, first_step = summary["train_seconds"], summary["resumed_from_step"]
         episodes = (state.step - first_step) * global_batch
-        rows = [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()]
+        rows = [json.loads(line) for line in (ctx.work_dir / "train_log.jsonl").read_text().splitlines() if line.strip()]
         first, last = rows[0], rows[-1]
         ctx.metrics.update(
             steps=state.step, resumed_from_step=first_step, episodes=state.step * global_batch,
@@ -174,6 +151,7 @@ def run(ctx: StageContext[PPOStageSettings]) -> None:
             reward_mean=mean, reward_std=std, distributed=describe(accelerator),
             first_reward_raw=first["reward/raw"], final_reward_raw=last["reward/raw"], final_kl=last["kl"],
             final_response_length=last["response_length"], final_eos_rate=last["eos_rate"],
+            stopped_by_time_budget=summary["stopped_by_time_budget"],
         )
     finish(accelerator)
 

@@ -133,3 +133,17 @@ def test_two_process_zero2(base_model, reward_model, prompts, tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "ppo" / "model")
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_ppo_stops_when_its_time_budget_is_spent_and_saves_the_last_step(base_model, reward_model, prompts, tmp_path):
+    """The shared loop's wall-clock budget: PPO stops early, exports, and a re-run resumes at the end."""
+    recipe = ppo_recipe(tmp_path, base_model, reward_model, prompts, max_steps=1000, max_train_seconds=1.0)
+    out = run_cli("pipeline", "run", str(recipe))
+    assert out.returncode == 0, out.stderr[-3000:]
+    m = json.loads((tmp_path / "run" / "ppo" / "manifest.json").read_text())["metrics"]
+    assert m["stopped_by_time_budget"] is True and 1 <= m["steps"] < 1000
+    steps = [r["step"] for r in log_rows(tmp_path / "run")]
+    assert steps == list(range(1, m["steps"] + 1))
+    state = json.loads(next((tmp_path / "run" / ".work" / "ppo" / "checkpoints").glob(f"step-{m['steps']:06d}"))
+                       .joinpath("trainer_state.json").read_text())
+    assert state["train_seconds"] >= 1.0  # the clock is saved with the state (PPO's loop used to drop it)

@@ -71,11 +71,12 @@ def prompts(n=16, seed=0):
 
 def make_trainer(lr=3e-3, reward_fn=count_target, **settings):
     policy, ref, value = tiny_models()
-    defaults = dict(max_new_tokens=8, ppo_epochs=4, num_minibatches=2, temperature=1.0, seed=0)
+    defaults = dict(max_new_tokens=8, ppo_epochs=4, num_minibatches=2, temperature=1.0)
+    seed = settings.pop("seed", 0)
     s = PPOSettings(**{**defaults, **settings})
     return PPOTrainer(
         policy, ref, value, reward_fn, Tokenizer(), s, Accelerator(cpu=True),
-        torch.optim.Adam(policy.parameters(), lr=lr), torch.optim.Adam(value.parameters(), lr=lr),
+        torch.optim.Adam(policy.parameters(), lr=lr), torch.optim.Adam(value.parameters(), lr=lr), seed=seed,
     )
 
 

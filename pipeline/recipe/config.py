@@ -15,11 +15,9 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, Union
 
+from pipeline.errors import ConfigError
+
 _FLOAT_LITERAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")  # 1e-4, 2.5E3: floats YAML 1.1 leaves as strings
-
-
-class ConfigError(ValueError):
-    """A recipe problem, reported with the key path it concerns."""
 
 
 def _join(path: str, key: str) -> str:

@@ -54,8 +54,6 @@ class PPOSettings:
     """reward-model score std: score_normalised = (score - mean) / std"""
     max_grad_norm: float | None = 1.0
     """gradient clipping per model; None = off"""
-    seed: int = 0
-    """seeds sampling and minibatch shuffling (offset by process index)"""
 
     def validate(self) -> None:
         if self.temperature <= 0:

@@ -265,6 +265,8 @@ class PPOStageSettings(StageSettings, PPOSettings):
 
     max_steps: int = 100
     """PPO iterations: each samples `batch_size` prompts per process, then runs ppo_epochs over them"""
+    max_train_seconds: float | None = None
+    """a wall-clock budget, as for the other training stages: PPO stops at max_steps or when it is spent"""
     batch_size: int = 16
     """prompts per process per iteration (episodes per iteration = batch_size x processes)"""
     learning_rate: float = 1e-5
@@ -295,8 +297,8 @@ class PPOStageSettings(StageSettings, PPOSettings):
                                 "max_prompt_length"))
         if self.learning_rate <= 0 or (self.value_learning_rate is not None and self.value_learning_rate <= 0):
             raise ConfigError(f"learning_rate: must be positive, got {self.learning_rate}")
-        if self.seed:
-            raise ConfigError("seed: set the recipe's top-level seed; PPO derives its sampling seed from it")
+        if self.max_train_seconds is not None and self.max_train_seconds <= 0:
+            raise ConfigError(f"max_train_seconds: must be positive, got {self.max_train_seconds}")
 
 
 @stage_type("evaluate")

@@ -123,6 +123,7 @@ class PPOTrainer:
         accelerator,
         policy_optimizer: torch.optim.Optimizer,
         value_optimizer: torch.optim.Optimizer,
+        seed: int = 0,
     ):
         """Models and optimizers are passed un-prepared; the trainer calls accelerator.prepare.
         `reward_fn(input_ids, attention_mask) -> scores[B]` gets [query | response] with post-EOS tokens
@@ -170,7 +171,7 @@ class PPOTrainer:
             self.kl_ctl = AdaptiveKLController(s.kl_coef, s.target_kl, s.kl_horizon)
         else:
             self.kl_ctl = FixedKLController(s.kl_coef)
-        seed = s.seed + accelerator.process_index
+        seed = seed + accelerator.process_index  # sampling and minibatch shuffling, per process
         device = accelerator.device
         self.sample_generator = torch.Generator(device=device).manual_seed(seed)
         self.shuffle_generator = torch.Generator().manual_seed(seed)

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from pipeline.recipe.config import ConfigError, to_dict
+from pipeline.errors import ConfigError, StageError
+from pipeline.recipe.config import to_dict
 from pipeline.recipe.schema import InputSpec, Recipe, load_recipe
 from pipeline.recipe.stages import StageSettings
 from pipeline.runner import artifacts
@@ -27,10 +28,6 @@ from pipeline.runner import artifacts
 log = logging.getLogger("pipeline")
 LOG_FILES = ("metrics.jsonl", "train_log.jsonl", "tensorboard")  # copied from the work dir when publishing
 RUN_START_ENV = "PIPELINE_RUN_START"  # epoch seconds when `pipeline run` started (time-to-quality)
-
-
-class StageError(RuntimeError):
-    """A failure the user can act on; printed without a traceback."""
 
 
 def is_main_process() -> bool:

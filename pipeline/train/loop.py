@@ -43,8 +43,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import broadcast
+from tqdm.auto import tqdm
 
 from pipeline.data.packing import read_rows
+from pipeline.errors import StageError
 from pipeline.recipe.settings import TrainSettings, muon_under_deepspeed
 from pipeline.train import distributed
 
@@ -52,8 +55,8 @@ CHECKPOINT_RE = re.compile(r"^step-(\d{6,})$")
 STATE_FILE = "trainer_state.json"
 
 
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite."""
+class NonFiniteLossError(StageError):
+    """The training loss (or a logged metric) became NaN or infinite."""
 
 
 # --- optimizer and schedule ---
@@ -135,15 +138,17 @@ def _rows(data, indices: list[int], epoch: int = 0) -> list:
 
 @dataclass
 class TrainerState:
+    """Where a run is; saved with every checkpoint (trainer_state.json)."""
+
     step: int = 0
-    # optimizer steps done
+    """optimizer steps done"""
     epoch: int = 0
     offset: int = 0
-    # examples of this epoch's permutation already consumed (globally, all ranks)
+    """examples of this epoch's permutation already consumed (globally, all ranks)"""
     tokens: int = 0
-    # target tokens trained on so far, all ranks
+    """target tokens trained on so far, all ranks"""
     train_seconds: float = 0.0
-    # wall-clock seconds spent in the loop, over all attempts (for max_train_seconds)
+    """wall-clock seconds spent in the loop, over all attempts (for max_train_seconds)"""
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
@@ -291,6 +296,163 @@ def default_token_count(batch: dict) -> int:
     return ids.shape[0] * (ids.shape[1] - 1)
 
 
+@dataclass
+class StepResult:
+    """What one optimizer step reports to the loop."""
+
+    tokens: int
+    """target tokens trained on in this step, all ranks"""
+    row: dict
+    """its line in train_log.jsonl (the loop puts `step` first)"""
+    scalars: dict[str, float]
+    """TensorBoard scalars for a logging step (the loop adds tokens, tokens/s and MFU)"""
+    postfix: dict[str, str]
+    """progress-bar fields (the loop adds tokens/s)"""
+
+
+Step = Callable[[TrainerState, torch.Tensor, float], StepResult]
+"""One optimizer step: (state before it, the global batch's example indices, time fraction) -> result."""
+
+
+class Loop:
+    """The parts of the shared loop; `run_loop` calls them in order (resume, step, record, evaluate,
+    checkpoint, summary). `settings` holds max_steps, max_train_seconds, eval_every (optional),
+    save_every, keep_checkpoints and log_every: TrainSettings, or PPO's stage settings."""
+
+    def __init__(self, accelerator, settings, work_dir: Path, *, run_start: float | None, evaluate, desc: str,
+                 prefix: str, flops_per_token: float | None, peak_flops: float | None, on_step):
+        self.accelerator, self.settings, self.work_dir = accelerator, settings, Path(work_dir)
+        self.run_start = time.time() if run_start is None else run_start
+        self.evaluate, self.desc, self.prefix, self.on_step = evaluate, desc, prefix, on_step
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.loss_log, self.metrics_log = self.work_dir / "train_log.jsonl", self.work_dir / "metrics.jsonl"
+        self.eval_every = getattr(settings, "eval_every", None)
+        self.budget = settings.max_train_seconds
+        self.last_eval: dict = {}
+        self.time_fraction, self.out_of_time = 0.0, False
+
+    def resume(self) -> TrainerState:
+        """The latest complete checkpoint's state (or a fresh one); log lines after it are dropped."""
+        state = resume_latest(self.accelerator, self.work_dir)
+        self.start_step = self.last_saved = state.step
+        if self.accelerator.is_main_process:
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+            truncate_jsonl(self.loss_log, state.step)
+            truncate_jsonl(self.metrics_log, state.step)
+            if state.step:
+                print(f"resumed from checkpoint at step {state.step} (epoch {state.epoch}, offset {state.offset})")
+        self.bar = tqdm(total=self.settings.max_steps, initial=state.step, desc=self.desc, dynamic_ncols=True,
+                        disable=not self.accelerator.is_local_main_process)
+        self.t_session, self.seconds_before, self.tokens_session = time.time(), state.train_seconds, 0
+        self.window_t, self.window_tokens = time.time(), 0
+        self._update_clock(state)
+        return state
+
+    def _update_clock(self, state: TrainerState) -> None:
+        """The share of the time budget spent, by rank 0's clock, so that every rank stops at the same step."""
+        if not self.budget:
+            return
+        spent = torch.tensor(state.train_seconds, dtype=torch.float64, device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            spent = broadcast(spent, from_process=0)
+        self.time_fraction = float(spent) / self.budget
+        self.out_of_time = self.time_fraction >= 1
+
+    def should_continue(self, state: TrainerState) -> bool:
+        return state.step < self.settings.max_steps and not self.out_of_time
+
+    def is_last(self, state: TrainerState) -> bool:
+        return state.step == self.settings.max_steps or self.out_of_time
+
+    def record(self, state: TrainerState, result: StepResult) -> TrainerState:
+        """Counters and clock after a step, the NaN guard, its log line, scalars and progress bar."""
+        state = replace(state, step=state.step + 1, tokens=state.tokens + result.tokens,
+                        train_seconds=self.seconds_before + time.time() - self.t_session)
+        bad = [k for k, v in result.row.items() if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            raise NonFiniteLossError(f"{', '.join(bad)} not finite at step {state.step}; training stopped, the last "
+                                     f"good checkpoint is kept in {checkpoint_dir(self.work_dir)}")
+        self._update_clock(state)
+        self.tokens_session += result.tokens
+        self.window_tokens += result.tokens
+        if self.accelerator.is_main_process:
+            append_jsonl(self.loss_log, {"step": state.step, **result.row})
+        if self.on_step is not None:
+            self.on_step(state.step, result.row.get("loss"))
+        if state.step % self.settings.log_every == 0 or self.is_last(state):
+            tok_s = self.window_tokens / max(1e-9, time.time() - self.window_t)
+            scalars = {**result.scalars, f"{self.prefix}tokens_per_s": tok_s, f"{self.prefix}tokens": state.tokens}
+            if self.flops_per_token and self.peak_flops:
+                scalars[f"{self.prefix}mfu"] = self.flops_per_token * tok_s / (self.peak_flops * self.accelerator.num_processes)
+            self.accelerator.log(scalars, step=state.step)
+            self.bar.set_postfix(**result.postfix, tok_s=f"{tok_s:,.0f}")
+            self.window_t, self.window_tokens = time.time(), 0
+        self.bar.update(1)
+        return state
+
+    def run_evaluation(self, model, state: TrainerState, record: bool = True) -> dict:
+        model.eval()
+        with torch.no_grad():
+            result = self.evaluate(model)
+        model.train()
+        if record:
+            row = {"step": state.step, "tokens": state.tokens, **result,
+                   "elapsed_s": round(time.time() - self.run_start, 3)}
+            if self.accelerator.is_main_process:
+                append_jsonl(self.metrics_log, row)
+            self.accelerator.log({f"val/{k}": v for k, v in result.items()}, step=state.step)
+        return result
+
+    def maybe_evaluate(self, model, state: TrainerState) -> None:
+        if self.evaluate is not None and (state.step % self.eval_every == 0 or self.is_last(state)):
+            self.last_eval = self.run_evaluation(model, state)
+
+    def maybe_checkpoint(self, state: TrainerState) -> None:
+        if state.step % self.settings.save_every == 0 or self.is_last(state):
+            save_checkpoint(self.accelerator, state, self.work_dir, self.settings.keep_checkpoints)
+            self.last_saved = state.step
+
+    def summary(self, model, state: TrainerState) -> dict:
+        self.bar.close()
+        if not self.last_eval and self.evaluate is not None:
+            self.last_eval = self.run_evaluation(model, state, record=False)  # resumed at the end: already logged
+        seconds = time.time() - self.t_session
+        return {
+            "steps": state.step,
+            "resumed_from_step": self.start_step,
+            "tokens": state.tokens,
+            "train_seconds": round(seconds, 3),
+            "tokens_per_s": round(self.tokens_session / seconds, 1) if seconds > 0 and self.tokens_session else None,
+            "last_checkpoint_step": self.last_saved,
+            "stopped_by_time_budget": self.out_of_time and state.step < self.settings.max_steps,
+            **{f"final_{k}": v for k, v in self.last_eval.items()},
+        }
+
+
+def run_loop(accelerator, model, step: Step, settings, work_dir: Path, *, seed: int, n_examples: int,
+             global_batch: int, evaluate: Callable[[Any], dict[str, float]] | None = None,
+             run_start: float | None = None, desc: str = "train", prefix: str = "train/",
+             flops_per_token: float | None = None, peak_flops: float | None = None,
+             on_step: Callable[[int, float | None], None] | None = None) -> tuple[TrainerState, dict]:
+    """The training loop every stage shares (pretrain, SFT and reward through `train`, PPO with its own
+    step): resume, then steps over seeded global batches until max_steps or the time budget, each
+    recorded (NaN guard, logs), evaluated and checkpointed on schedule; returns the state and a summary.
+    `evaluate(model)` runs on all ranks (it must do the same forwards on each); `on_step(step, loss)` is
+    called after each step (tests slow or crash a run with it)."""
+    if n_examples < global_batch:
+        raise StageError(f"train data has {n_examples} examples, fewer than one global batch of {global_batch}")
+    loop = Loop(accelerator, settings, work_dir, run_start=run_start, evaluate=evaluate, desc=desc, prefix=prefix,
+                flops_per_token=flops_per_token, peak_flops=peak_flops, on_step=on_step)
+    state = loop.resume()
+    while loop.should_continue(state):
+        indices, state = next_global_batch(state, seed, n_examples, global_batch)
+        result = step(state, indices, loop.time_fraction)
+        state = loop.record(state, result)
+        loop.maybe_evaluate(model, state)
+        loop.maybe_checkpoint(state)
+    return state, loop.summary(model, state)
+
+
 def train(
     accelerator,
     model,
@@ -308,26 +470,14 @@ def train(
     peak_flops: float | None = None,
     on_step: Callable[[int, float], None] | None = None,
 ):
-    """Train `model` (not yet prepared) for settings.max_steps optimizer steps, resuming if possible;
-    with settings.max_train_seconds, until that budget is spent if it comes first (the last step is
-    then evaluated and saved like max_steps would be).
-
-    Returns (prepared model, summary dict). `evaluate(model) -> {'val_loss': ..., ...}` runs on all
-    ranks every eval_every steps and at the end (it must do the same number of forwards on every
-    rank). `on_step(step, loss)` is a test hook called after each optimizer step.
-    """
-    from accelerate.utils import broadcast
-    from tqdm.auto import tqdm
-
-    work_dir = Path(work_dir)
-    run_start = time.time() if run_start is None else run_start
+    """Train `model` (not yet prepared) with `loss_fn(model, batch) -> (loss, aux)` for settings.max_steps
+    optimizer steps (or until max_train_seconds), resuming if possible: the optimizer and accelerator
+    set up here, the step below, the rest in `run_loop`. Returns (prepared model, summary dict)."""
     world = accelerator.num_processes
     global_batch = settings.micro_batch_size * settings.grad_accum_steps * world
-    n = len(train_data)
-    if n < global_batch:
-        raise ValueError(f"train data has {n} examples, fewer than one global batch "
+    if len(train_data) < global_batch:
+        raise ValueError(f"train data has {len(train_data)} examples, fewer than one global batch "
                          f"(micro_batch_size*grad_accum_steps*processes = {global_batch})")
-
     if settings.activation_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
@@ -342,64 +492,31 @@ def train(
             model.compile()
         else:
             model = torch.compile(model)
-
-    state = resume_latest(accelerator, work_dir)
-    start_step = state.step
-    loss_log, metrics_log = work_dir / "train_log.jsonl", work_dir / "metrics.jsonl"
-    if accelerator.is_main_process:
-        work_dir.mkdir(parents=True, exist_ok=True)
-        truncate_jsonl(loss_log, start_step)
-        truncate_jsonl(metrics_log, start_step)
-        if start_step:
-            print(f"resumed from checkpoint at step {start_step} (epoch {state.epoch}, offset {state.offset})")
     accelerator.step = 0  # micro-step counter used by accumulate(): our steps always start on a boundary
-
-    def run_eval(record: bool = True) -> dict:
-        if evaluate is None:
-            return {}
-        model.eval()
-        with torch.no_grad():
-            result = evaluate(model)
-        model.train()
-        if record:
-            row = {"step": state.step, "tokens": state.tokens, **result, "elapsed_s": round(time.time() - run_start, 3)}
-            if accelerator.is_main_process:
-                append_jsonl(metrics_log, row)
-            accelerator.log({f"val/{k}": v for k, v in result.items()}, step=state.step)
-        return result
-
     model.train()
-    bar = tqdm(total=settings.max_steps, initial=start_step, disable=not accelerator.is_local_main_process,
-               desc="train", dynamic_ncols=True)
-    last_eval: dict = {}
-    last_saved = start_step
-    t_session = time.time()
-    tokens_session = 0
-    window_t, window_tokens = time.time(), 0
-    rank, mbs = accelerator.process_index, settings.micro_batch_size
-    budget = settings.max_train_seconds
-    seconds_before = state.train_seconds
+    step = lm_step(accelerator, model, optimizer, train_data, collate, loss_fn, settings, count_tokens, work_dir)
+    _, summary = run_loop(accelerator, model, step, settings, work_dir, seed=seed, n_examples=len(train_data),
+                          global_batch=global_batch, evaluate=evaluate, run_start=run_start,
+                          flops_per_token=flops_per_token, peak_flops=peak_flops, on_step=on_step)
+    return model, summary
 
-    def budget_fraction() -> float:  # of rank 0's clock, so that every rank stops at the same step
-        if not budget:
-            return 0.0
-        local = torch.tensor(state.train_seconds, dtype=torch.float64, device=accelerator.device)
-        return (float(broadcast(local, from_process=0)) if world > 1 else state.train_seconds) / budget
 
-    time_fraction = budget_fraction()
-    out_of_time = time_fraction >= 1
-    while state.step < settings.max_steps and not out_of_time:
-        step = state.step
-        lr = settings.learning_rate * lr_multiplier(step, settings, time_fraction)
+def lm_step(accelerator, model, optimizer, train_data, collate, loss_fn, settings: TrainSettings,
+            count_tokens: Callable[[dict], int], work_dir: Path) -> Step:
+    """One optimizer step of a supervised loss: the scheduled learning rate, grad_accum_steps micro
+    batches (rank-major, so the same examples form a global batch at any world size), the NaN guard
+    before the update, clipping, the update."""
+    world, rank, mbs = accelerator.num_processes, accelerator.process_index, settings.micro_batch_size
+
+    def step(state: TrainerState, indices: torch.Tensor, time_fraction: float) -> StepResult:
+        lr = settings.learning_rate * lr_multiplier(state.step, settings, time_fraction)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
-        indices, state = next_global_batch(state, seed, n, global_batch)
         step_loss = torch.zeros((), device=accelerator.device)
         step_tokens = 0
         aux_sum: dict[str, torch.Tensor] = {}
         grad_norm = None
         for micro in range(settings.grad_accum_steps):
-            # rank-major within a micro step: the same examples form a global batch at any world size
             lo = (micro * world + rank) * mbs
             batch = _to_device(collate(_rows(train_data, indices[lo:lo + mbs].tolist(), state.epoch)),
                                accelerator.device)
@@ -408,14 +525,14 @@ def train(
                 mean_loss = accelerator.reduce(loss.detach().float(), "mean")
                 if not torch.isfinite(mean_loss):
                     raise NonFiniteLossError(
-                        f"loss is {mean_loss.item()} at step {step + 1} (micro batch {micro}); training stopped, "
+                        f"loss is {mean_loss.item()} at step {state.step + 1} (micro batch {micro}); training stopped, "
                         f"the last good checkpoint is kept in {checkpoint_dir(work_dir)}")
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), settings.grad_clip or float("inf"))
                     if grad_norm is not None and not math.isfinite(float(grad_norm)):  # same on every rank
                         raise NonFiniteLossError(
-                            f"gradient norm is {float(grad_norm)} at step {step + 1}; training stopped, the last "
+                            f"gradient norm is {float(grad_norm)} at step {state.step + 1}; training stopped, the last "
                             f"good checkpoint is kept in {checkpoint_dir(work_dir)}")
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -425,53 +542,15 @@ def train(
                 v = v.detach().float() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
                 aux_sum[k] = aux_sum.get(k, 0) + v / settings.grad_accum_steps
         tokens = int(accelerator.reduce(torch.tensor(step_tokens, device=accelerator.device), "sum"))
-        state.step, state.tokens = step + 1, state.tokens + tokens
-        state.train_seconds = seconds_before + time.time() - t_session
-        time_fraction = budget_fraction()
-        out_of_time = time_fraction >= 1
-        last = state.step == settings.max_steps or out_of_time
         loss_value = float(step_loss)
         grad_norm = None if grad_norm is None else float(grad_norm)
-        tokens_session += tokens
-        window_tokens += tokens
-        if accelerator.is_main_process:
-            append_jsonl(loss_log, {"step": state.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-                                     "tokens": state.tokens})
-        if on_step is not None:
-            on_step(state.step, loss_value)
-        if state.step % settings.log_every == 0 or last:
-            dt = max(1e-9, time.time() - window_t)
-            tok_s = window_tokens / dt
-            logs = {"train/loss": loss_value, "train/lr": lr, "train/tokens_per_s": tok_s, "train/tokens": state.tokens}
-            if grad_norm is not None:
-                logs["train/grad_norm"] = grad_norm
-            if flops_per_token and peak_flops:
-                logs["train/mfu"] = flops_per_token * tok_s / (peak_flops * world)
-            logs.update(_scalar_logs("train/", aux_sum))
-            accelerator.log(logs, step=state.step)
-            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tok_s:,.0f}")
-            window_t, window_tokens = time.time(), 0
-        bar.update(1)
-        if state.step % settings.eval_every == 0 or last:
-            last_eval = run_eval()
-        if state.step % settings.save_every == 0 or last:
-            save_checkpoint(accelerator, state, work_dir, settings.keep_checkpoints)
-            last_saved = state.step
-    bar.close()
-    if not last_eval and evaluate is not None:
-        last_eval = run_eval(record=False)  # resumed at max_steps: metrics.jsonl already has them
-    seconds = time.time() - t_session
-    summary = {
-        "steps": state.step,
-        "resumed_from_step": start_step,
-        "tokens": state.tokens,
-        "train_seconds": round(seconds, 3),
-        "tokens_per_s": round(tokens_session / seconds, 1) if seconds > 0 and tokens_session else None,
-        "last_checkpoint_step": last_saved,
-        "stopped_by_time_budget": out_of_time and state.step < settings.max_steps,
-        **{f"final_{k}": v for k, v in last_eval.items()},
-    }
-    return model, summary
+        scalars = {"train/loss": loss_value, "train/lr": lr, **_scalar_logs("train/", aux_sum)}
+        if grad_norm is not None:
+            scalars["train/grad_norm"] = grad_norm
+        return StepResult(tokens, {"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": state.tokens + tokens},
+                          scalars, {"loss": f"{loss_value:.4f}"})
+
+    return step
 
 
 # --- evaluation for language models ---
