@@ -23,10 +23,16 @@ import math
 import torch
 
 from pipeline.data import chat as chat_data
+from pipeline.data.contamination import contamination_report
+from pipeline.data.packing import collate_blocks, token_byte_lengths
 from pipeline.data.sources import load_dataset_input, model_path, require_columns
 from pipeline.recipe.stages import EvaluateSettings
+from pipeline.rl.ppo_core import masked_mean
+from pipeline.rl.rollout import batched_logprobs, generate_answers, generate_responses, left_pad, reward_model_scores
 from pipeline.runner.stage import StageContext, stage_main
-from pipeline.task.instructions import judge, score_responses
+from pipeline.task.instructions import grade, judge, score_responses
+from pipeline.train.distributed import make_accelerator
+from pipeline.train.loop import make_lm_evaluator
 
 log = logging.getLogger("pipeline")
 CAUSAL = ("pretrain", "sft", "ppo")
@@ -40,29 +46,18 @@ def load_causal(ctx: StageContext, name: str):
     return model.eval()
 
 
-@torch.no_grad()
 def answer(model, tokenizer, prompts: list[str], s, seed: int) -> list[str]:
-    """Batched answers with left padding (greedy, or sampled at s.temperature with a fixed seed)."""
-    from pipeline.rl.rollout import left_pad
+    """Batched answers (greedy, or sampled at s.temperature with a fixed seed)."""
 
     torch.manual_seed(seed)
-    out: list[str] = []
-    tokenizer.padding_side = "left"
-    for i in range(0, len(prompts), s.batch_size):
-        ids, mask = left_pad([chat_data.prompt_ids(tokenizer, p) for p in prompts[i:i + s.batch_size]],
-                             tokenizer.pad_token_id)
-        kwargs = {"do_sample": True, "temperature": s.temperature} if s.temperature > 0 else {"do_sample": False}
-        generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=s.max_new_tokens,
-                                   eos_token_id=chat_data.stop_token_ids(tokenizer),
-                                   pad_token_id=tokenizer.pad_token_id, **kwargs)
-        out += [chat_data.response_text(tokenizer, row[ids.shape[1]:].tolist()) for row in generated]
-    return out
+    sampling = {"do_sample": True, "temperature": s.temperature} if s.temperature > 0 else {"do_sample": False}
+    answers = generate_answers(model, tokenizer, prompts, max_new_tokens=s.max_new_tokens, batch_size=s.batch_size,
+                               **sampling)
+    return [a[0] for a in answers]
 
 
 @torch.no_grad()
 def reward_scores(reward_model, tokenizer, prompts: list[str], responses: list[str], max_length: int = 512) -> list[float]:
-    from pipeline.rl.rollout import left_pad, reward_model_scores
-
     out: list[float] = []
     for i in range(0, len(prompts), 32):
         seqs = [chat_data.encode_scored(tokenizer, p, r, max_length) for p, r in zip(prompts[i:i + 32], responses[i:i + 32])]
@@ -74,8 +69,6 @@ def reward_scores(reward_model, tokenizer, prompts: list[str], responses: list[s
 @torch.no_grad()
 def kl_to_reference(policy, reference, tokenizer, prompts: list[str], s, seed: int) -> float:
     """Monte-Carlo KL(policy || reference) per response, on the policy's own samples at kl_temperature."""
-    from pipeline.rl.ppo_core import masked_mean
-    from pipeline.rl.rollout import batched_logprobs, generate_responses, left_pad
 
     gen = torch.Generator().manual_seed(seed)
     totals = []
@@ -97,10 +90,6 @@ def bits_per_byte(models: dict, ctx: StageContext) -> dict[str, float]:
     """Validation bits per byte of each causal checkpoint, and of the unigram baseline (same blocks, same bytes)."""
     import datasets
     from transformers import AutoTokenizer
-
-    from pipeline.data.packing import collate_blocks, token_byte_lengths
-    from pipeline.train.distributed import make_accelerator
-    from pipeline.train.loop import make_lm_evaluator
 
     data = datasets.load_from_disk(str(ctx.inputs["data"].path))
     validation = data["validation"].with_format("numpy")
@@ -137,7 +126,6 @@ def reward_judge_agreement(rows: list[dict], a: list[str], b: list[str], rm_a: l
     """How often the reward model orders two answers to one prompt as the judge does (pairs whose judge
     scores differ by more than min_gap), split by what differs: a constraint, or only faithfulness
     (content copied wrong). A reward model blind to one kind lets PPO drift there unpenalised."""
-    from pipeline.task.instructions import grade
 
     counts = {"constraints_differ": [0, 0], "faithfulness_only": [0, 0]}
     for row, x, y, rx, ry in zip(rows, a, b, rm_a, rm_b):
@@ -162,7 +150,6 @@ def win_rate(a: list[float], b: list[float]) -> float:
 
 def contamination(ctx: StageContext, rows: list[dict], prompt_data) -> dict:
     """Overlap of the held-out content (the `source` sentence when the prompts have one) with training text."""
-    from pipeline.data.contamination import contamination_report
 
     column = "source" if "source" in prompt_data["train"].column_names else "prompt"
     sources = {"ppo_prompts": list(prompt_data["train"]["prompt"])}

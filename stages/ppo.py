@@ -26,8 +26,15 @@ import torch
 
 from pipeline.data import chat as chat_data
 from pipeline.data.sources import load_dataset_input, model_path, require_architecture, require_columns
+from pipeline.recipe.ppo_settings import PPOSettings
 from pipeline.recipe.stages import PPOStageSettings
+from pipeline.rl.ppo_trainer import PPOTrainer, prepare_frozen
+from pipeline.rl.rollout import reward_model_scores
+from pipeline.runner.artifacts import read_jsonl
 from pipeline.runner.stage import StageContext, StageError, stage_main
+from pipeline.train.distributed import describe, finish, make_accelerator
+from pipeline.train.loop import StepResult, run_loop
+from pipeline.train.models import attn_implementation
 
 log = logging.getLogger("pipeline")
 
@@ -91,13 +98,6 @@ def run(ctx: StageContext[PPOStageSettings]) -> None:
     from accelerate.utils import set_seed
     from transformers import AutoTokenizer
 
-    from pipeline.recipe.ppo_settings import PPOSettings
-    from pipeline.rl.ppo_trainer import PPOTrainer, prepare_frozen
-    from pipeline.rl.rollout import reward_model_scores
-    from pipeline.train.distributed import describe, finish, make_accelerator
-    from pipeline.train.loop import StepResult, run_loop
-    from pipeline.train.models import attn_implementation
-
     s = ctx.settings
     data = load_dataset_input(ctx.inputs["prompts"], seed=ctx.seed)
     require_columns(data, [s.prompt_column], ctx.inputs["prompts"])
@@ -143,7 +143,7 @@ def run(ctx: StageContext[PPOStageSettings]) -> None:
     if accelerator.is_main_process:
         seconds, first_step = summary["train_seconds"], summary["resumed_from_step"]
         episodes = (state.step - first_step) * global_batch
-        rows = [json.loads(line) for line in (ctx.work_dir / "train_log.jsonl").read_text().splitlines() if line.strip()]
+        rows = read_jsonl(ctx.work_dir / "train_log.jsonl")
         first, last = rows[0], rows[-1]
         ctx.metrics.update(
             steps=state.step, resumed_from_step=first_step, episodes=state.step * global_batch,

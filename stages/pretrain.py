@@ -17,9 +17,13 @@ from __future__ import annotations
 
 import logging
 
+from pipeline.data import packing
+from pipeline.data.sources import load_tokenizer_input
 from pipeline.recipe.config import ConfigError
 from pipeline.recipe.stages import PretrainSettings
 from pipeline.runner.stage import StageContext, StageError, stage_main
+from pipeline.train import distributed, models
+from pipeline.train import loop as training
 
 log = logging.getLogger("pipeline")
 
@@ -50,11 +54,6 @@ def load_blocks(path, model_settings):
 
 def run(ctx: StageContext[PretrainSettings]) -> None:
     from accelerate.utils import set_seed
-
-    from pipeline.data import packing
-    from pipeline.data.sources import load_tokenizer_input
-    from pipeline.train import distributed, models
-    from pipeline.train import loop as training
 
     s, model_settings = ctx.settings, ctx.recipe.model
     tokenizer = load_tokenizer_input(ctx.inputs["tokenizer"])

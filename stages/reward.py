@@ -27,6 +27,9 @@ from pipeline.data.preferences import FORMAT_COLUMNS, detect_format, to_groups
 from pipeline.data.sources import load_dataset_input, model_path, require_columns
 from pipeline.recipe.stages import RewardSettings
 from pipeline.runner.stage import StageContext, StageError, stage_main
+from pipeline.train.distributed import describe, finish, make_accelerator
+from pipeline.train.loop import eval_shard, export_model, train
+from pipeline.train.models import attn_implementation
 
 log = logging.getLogger("pipeline")
 
@@ -75,7 +78,6 @@ def bradley_terry_loss(model, batch: dict, use_margin: bool) -> tuple[torch.Tens
 
 def make_reward_evaluator(accelerator, groups: list[dict], pad_id: int, micro_batch_size: int, max_batches: int | None):
     """Held-out pairwise accuracy (every pair counts once) and the mean/std of all held-out scores."""
-    from pipeline.train.loop import eval_shard
 
     mine, n_batches = eval_shard(accelerator, len(groups), micro_batch_size, max_batches)
 
@@ -123,10 +125,6 @@ def load_groups(ctx: StageContext):
 def run(ctx: StageContext[RewardSettings]) -> None:
     from accelerate.utils import set_seed
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
-
-    from pipeline.train.distributed import describe, finish, make_accelerator
-    from pipeline.train.loop import export_model, train
-    from pipeline.train.models import attn_implementation
 
     s = ctx.settings
     fmt, split_groups = load_groups(ctx)

@@ -22,7 +22,10 @@ import torch
 from pipeline.data import chat as chat_data
 from pipeline.data.sources import load_dataset_input, model_path, require_architecture, require_columns
 from pipeline.recipe.stages import SFTSettings
+from pipeline.rl.rollout import generate_answers
 from pipeline.runner.stage import StageContext, StageError, stage_main
+from pipeline.train.distributed import describe, finish, make_accelerator
+from pipeline.train.loop import eval_shard, export_model, train
 from pipeline.train.models import attn_implementation, causal_lm_loss
 
 log = logging.getLogger("pipeline")
@@ -40,7 +43,6 @@ def encode_split(part, tokenizer, s) -> list[dict]:
 
 def make_masked_evaluator(accelerator, rows: list[dict], collate, micro_batch_size: int, max_batches: int | None):
     """Mean cross-entropy over assistant tokens of the validation conversations (every rank, same steps)."""
-    from pipeline.train.loop import eval_shard
 
     mine, n_batches = eval_shard(accelerator, len(rows), micro_batch_size, max_batches)
 
@@ -59,24 +61,8 @@ def make_masked_evaluator(accelerator, rows: list[dict], collate, micro_batch_si
     return evaluate
 
 
-@torch.no_grad()
-def sample_responses(model, tokenizer, prompts: list[str], max_new_tokens: int, device) -> list[str]:
-    """Greedy answers, one prompt at a time (every rank runs the same steps: ZeRO-3 safe)."""
-    out = []
-    for prompt in prompts:
-        ids = torch.tensor([chat_data.prompt_ids(tokenizer, prompt)], device=device)
-        generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                   do_sample=False, eos_token_id=chat_data.stop_token_ids(tokenizer),
-                                   pad_token_id=tokenizer.pad_token_id)
-        out.append(chat_data.response_text(tokenizer, generated[0, ids.shape[1]:].tolist()))
-    return out
-
-
 def run(ctx: StageContext[SFTSettings]) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
-    from pipeline.train.distributed import describe, finish, make_accelerator
-    from pipeline.train.loop import export_model, train
 
     s = ctx.settings
     data = load_dataset_input(ctx.inputs["data"], seed=ctx.seed)
@@ -109,7 +95,8 @@ def run(ctx: StageContext[SFTSettings]) -> None:
                for row in data["validation"].select(range(min(s.sample_prompts, len(data["validation"]))))]
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.config.use_cache = True
-    samples = sample_responses(unwrapped, tokenizer, prompts, s.max_new_tokens, accelerator.device)
+    samples = [a[0] for a in generate_answers(unwrapped, tokenizer, prompts, max_new_tokens=s.max_new_tokens,
+                                              do_sample=False, device=accelerator.device)]  # greedy
     if accelerator.is_main_process:
         # chat generation stops at the end of the assistant turn
         gen = GenerationConfig.from_pretrained(out_dir)

@@ -20,7 +20,6 @@ from pipeline.rl.rollout import (
     response_mask_from_eos,
     response_values,
     reward_model_scores,
-    to_left_padded,
 )
 
 torch.set_num_threads(1)
@@ -217,13 +216,8 @@ def test_left_padding_gives_same_logprobs_and_tokens(arch):
     torch.testing.assert_close(lp, sampled.sample_logprobs, rtol=0, atol=2e-5)
 
 
-def test_to_left_padded_and_reward_scores_with_pad_equal_eos():
-    ids = torch.tensor([[1, 7, 8, 0, 0], [1, 7, 8, 9, 10]])
-    mask = (ids != 0).long()
-    left, left_mask = to_left_padded(ids, mask, 0)
-    assert left.tolist() == [[0, 0, 1, 7, 8], [1, 7, 8, 9, 10]]
-    assert left_mask.tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
-    # reward read at the last attended token even when that token is EOS == pad
+def test_reward_scores_with_pad_equal_eos():
+    """The reward is read at the last attended token even when that token is EOS == pad."""
     cfg = tiny_config()
     cfg.num_labels = 1
     cfg.pad_token_id = EOS

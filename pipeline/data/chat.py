@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # a label no loss is taken on (transformers' and torch's convention)
 END_OF_TURN = "<|end|>"
 
 

@@ -51,6 +51,7 @@ def now_iso() -> str:
 # --- reading prompts and sessions ---
 
 def read_jsonl(path: Path) -> list[dict]:
+    """A user's JSONL file, each bad line named (our own logs are read by pipeline.runner.artifacts.read_jsonl)."""
     rows = []
     for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -622,7 +623,7 @@ def sample_responses(model_dir: Path, prompts: list[str], k: int, max_new_tokens
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.data import chat as chat_data
+    from pipeline.rl.rollout import generate_answers
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -631,15 +632,9 @@ def sample_responses(model_dir: Path, prompts: list[str], k: int, max_new_tokens
     torch.manual_seed(seed)
     out = []
     for n, prompt in enumerate(prompts):
-        ids = chat_data.prompt_ids(tokenizer, prompt)
-        if limit:
-            ids = ids[-max(1, limit - max_new_tokens):]  # keep the end: the assistant header
-        ids = torch.tensor([ids], device=device)
-        with torch.no_grad():
-            generated = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=temperature,
-                                       top_p=top_p, max_new_tokens=max_new_tokens, num_return_sequences=k,
-                                       eos_token_id=chat_data.stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
-        out.append([chat_data.response_text(tokenizer, row[ids.shape[1]:].tolist()) for row in generated])
+        out += generate_answers(model, tokenizer, [prompt], max_new_tokens=max_new_tokens, num_return_sequences=k,
+                                max_prompt_tokens=max(1, limit - max_new_tokens) if limit else None,
+                                do_sample=True, temperature=temperature, top_p=top_p)
         print(f"sampled {n + 1}/{len(prompts)}", file=sys.stderr, flush=True)
     return out
 

@@ -52,6 +52,15 @@ def stage_type(name: str):
     return register
 
 
+def is_deepspeed_config(config_file: str | Path) -> bool:
+    """Whether an accelerate config file selects DeepSpeed."""
+    try:
+        data = yaml.safe_load(Path(config_file).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"launch.config_file: cannot read {config_file}: {e}") from None
+    return str(data.get("distributed_type", "")).upper() == "DEEPSPEED"
+
+
 @dataclass
 class Launch:
     num_processes: int = 1
@@ -149,13 +158,8 @@ def validate_training_stage(stage: StageSettings | TrainSettings) -> None:
     StageSettings.validate(stage)
     TrainSettings.validate(stage)
     config = stage.launch.config_file
-    if stage.optimizer == "muon" and config is not None:
-        try:
-            distributed_type = (yaml.safe_load(Path(config).read_text()) or {}).get("distributed_type")
-        except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(f"launch.config_file: cannot read {config}: {e}") from None
-        if str(distributed_type).upper() == "DEEPSPEED":
-            raise muon_under_deepspeed(f"DeepSpeed ZeRO ({config})")
+    if stage.optimizer == "muon" and config is not None and is_deepspeed_config(config):
+        raise muon_under_deepspeed(f"DeepSpeed ZeRO ({config})")
 
 
 @stage_type("pretrain")

@@ -216,7 +216,8 @@ class AdaptiveKLController:
         self.value *= 1.0 + proportional_error * n_steps / self.horizon
 
     def state_dict(self) -> dict:
-        return {"value": self.value, "target": self.target, "horizon": self.horizon}
+        # only the coefficient changes: target and horizon come from the settings (part of the fingerprint)
+        return {"value": self.value}
 
     def load_state_dict(self, state: dict) -> None:
         self.value = float(state["value"])

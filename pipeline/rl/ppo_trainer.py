@@ -21,7 +21,6 @@ clipping is DeepSpeed's `gradient_clipping`.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
 
 import torch
 from torch import nn
@@ -44,8 +43,8 @@ from pipeline.rl.rollout import (
     generate_responses,
     left_pad,
     response_values,
-    to_left_padded,
 )
+from pipeline.train.distributed import uses_deepspeed, zero_stage
 
 RewardFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -82,21 +81,11 @@ def disable_dropout(model: nn.Module) -> None:
                 setattr(module, key, 0.0)
 
 
-def _distributed_type(accelerator) -> str:
-    return str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type)).upper()
-
-
-def _zero_stage(accelerator) -> int | None:
-    if _distributed_type(accelerator) != "DEEPSPEED":
-        return None
-    return int(accelerator.state.deepspeed_plugin.zero_stage)
-
-
 def prepare_frozen(model: nn.Module, accelerator) -> nn.Module:
     """Reference model: eval, no grad; sharded under ZeRO-3 (as TRL's prepare_deepspeed), else replicated."""
     model.eval()
     model.requires_grad_(False)
-    if _zero_stage(accelerator) != 3:
+    if zero_stage(accelerator) != 3:
         return model.to(accelerator.device)
     import copy
 
@@ -146,8 +135,8 @@ class PPOTrainer:
         # checkpointing, which transformers applies in training mode, works; the forwards are identical)
         for m in (policy, value_model, ref_policy):
             disable_dropout(m)
-        self.is_deepspeed = _distributed_type(accelerator) == "DEEPSPEED"
-        self.sync_generation = _zero_stage(accelerator) == 3 or _distributed_type(accelerator) == "FSDP"
+        self.is_deepspeed = uses_deepspeed(accelerator)
+        self.sync_generation = zero_stage(accelerator) == 3  # every forward gathers parameters collectively
         wrapper = PolicyAndValue(policy, value_model)
         if self.is_deepspeed:
             if type(policy_optimizer) is not type(value_optimizer):
@@ -181,21 +170,6 @@ class PPOTrainer:
 
     # -- helpers -------------------------------------------------------------
 
-    def _prompts_to_batch(self, prompts) -> tuple[torch.Tensor, torch.Tensor]:
-        device = self.accelerator.device
-        if isinstance(prompts, dict):
-            ids, mask = prompts["input_ids"], prompts.get("attention_mask")
-        elif isinstance(prompts, (tuple, list)) and len(prompts) == 2 and all(isinstance(p, torch.Tensor) and p.dim() == 2 for p in prompts):
-            ids, mask = prompts
-        elif isinstance(prompts, torch.Tensor) and prompts.dim() == 2:
-            ids, mask = prompts, None
-        else:
-            return left_pad(prompts, self.pad_token_id, device)
-        if mask is None:
-            mask = torch.ones_like(ids)
-        ids, mask = to_left_padded(ids.to(device), mask.to(device), self.pad_token_id)
-        return ids, mask
-
     def _backward_and_step(self, loss: torch.Tensor) -> torch.Tensor:
         acc, s = self.accelerator, self.settings
         acc.backward(loss)
@@ -207,12 +181,9 @@ class PPOTrainer:
             self.policy_optimizer.zero_grad(set_to_none=True)
             return grad_norm
         if s.max_grad_norm is not None:
-            unwrapped = self.unwrapped
-            if _distributed_type(acc) == "FSDP":  # sharded grads: clip through the prepared root module
-                grad_norm = acc.clip_grad_norm_(self.model.parameters(), s.max_grad_norm)
-            else:  # each model on its own, so large value gradients do not shrink the policy step
-                grad_norm = acc.clip_grad_norm_(unwrapped.policy.parameters(), s.max_grad_norm)
-                acc.clip_grad_norm_(unwrapped.value_model.parameters(), s.max_grad_norm)
+            # each model on its own, so large value gradients do not shrink the policy step
+            grad_norm = acc.clip_grad_norm_(self.unwrapped.policy.parameters(), s.max_grad_norm)
+            acc.clip_grad_norm_(self.unwrapped.value_model.parameters(), s.max_grad_norm)
         for opt in (self.policy_optimizer, self.value_optimizer):
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -236,10 +207,11 @@ class PPOTrainer:
                 sync_ranks=self.sync_generation,
             )
 
-    def step(self, prompts: Sequence[Sequence[int]] | tuple[torch.Tensor, torch.Tensor] | dict) -> dict[str, float]:
-        """One PPO iteration on a batch of prompts (this process's share). Returns metrics averaged over processes."""
+    def step(self, prompts: Sequence[Sequence[int]]) -> dict[str, float]:
+        """One PPO iteration on this process's share of prompts (token ids, left-padded here). Returns metrics
+        averaged over processes."""
         s, acc = self.settings, self.accelerator
-        query, query_mask = self._prompts_to_batch(prompts)
+        query, query_mask = left_pad(prompts, self.pad_token_id, acc.device)
         P = query.shape[1]
 
         # 1. rollout and frozen forwards, each one batched call
@@ -333,7 +305,6 @@ class PPOTrainer:
             "episodes": self.episodes,
             "sample_generator": self.sample_generator.get_state(),
             "shuffle_generator": self.shuffle_generator.get_state(),
-            "settings": asdict(self.settings),
         }
 
     def load_state_dict(self, state: dict) -> None:

@@ -55,18 +55,6 @@ def left_pad(sequences: Sequence[Sequence[int] | torch.Tensor], pad_token_id: in
     return ids.to(device), mask.to(device)
 
 
-def to_left_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Re-pad a batch (right- or left-padded, masks contiguous) to left padding; a no-op when already left-padded."""
-    attention_mask = attention_mask.long()
-    if bool((attention_mask[:, -1] == 1).all()):
-        return input_ids, attention_mask
-    # stable sort moves pads (mask 0) first and keeps token order
-    order = torch.sort(attention_mask, dim=1, stable=True).indices
-    ids = torch.gather(input_ids, 1, order)
-    mask = torch.gather(attention_mask, 1, order)
-    return torch.where(mask.bool(), ids, torch.full_like(ids, pad_token_id)), mask
-
-
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
@@ -85,6 +73,32 @@ def _eos_tensor(eos_token_id: int | Sequence[int] | None, device) -> torch.Tenso
         return None
     ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
     return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, prompts: Sequence, *, max_new_tokens: int, batch_size: int = 1,
+                     num_return_sequences: int = 1, max_prompt_tokens: int | None = None, device=None,
+                     **sampling) -> list[list[str]]:
+    """`num_return_sequences` answers per chat prompt with transformers' `generate` (greedy unless
+    `sampling` says do_sample=True), through the tokenizer's chat template, left-padded batches of
+    `batch_size`, stopping at the end of the turn. `max_prompt_tokens` keeps the end of longer prompts
+    (the assistant header). With batch_size=1 every rank runs the same steps (ZeRO-3 safe)."""
+    from pipeline.data import chat
+
+    device = device if device is not None else model.device
+    stop = chat.stop_token_ids(tokenizer)
+    out: list[list[str]] = []
+    for i in range(0, len(prompts), batch_size):
+        seqs = [chat.prompt_ids(tokenizer, p) for p in prompts[i:i + batch_size]]
+        if max_prompt_tokens:
+            seqs = [s[-max_prompt_tokens:] for s in seqs]
+        ids, mask = left_pad(seqs, tokenizer.pad_token_id, device)
+        generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                   num_return_sequences=num_return_sequences, eos_token_id=stop,
+                                   pad_token_id=tokenizer.pad_token_id, **sampling)
+        texts = [chat.response_text(tokenizer, row[ids.shape[1]:].tolist()) for row in generated]
+        out += [texts[j:j + num_return_sequences] for j in range(0, len(texts), num_return_sequences)]
+    return out
 
 
 # ---------------------------------------------------------------------------

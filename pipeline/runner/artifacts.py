@@ -94,6 +94,14 @@ def read_manifest(stage_dir: Path) -> dict | None:
     return manifest if isinstance(manifest, dict) and manifest.get("complete") is True else None
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSONL log we wrote (train_log.jsonl, metrics.jsonl, samples.jsonl); none if it is missing."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as f:

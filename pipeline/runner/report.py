@@ -13,17 +13,11 @@ import os
 from pathlib import Path
 
 from pipeline.recipe.stages import STAGE_TYPES
-from pipeline.runner.artifacts import MANIFEST, read_manifest
+from pipeline.runner.artifacts import MANIFEST, read_jsonl, read_manifest
 
 KEY_METRICS = ("vocab_size", "bytes_per_token_validation", "train_blocks", "parameters", "steps", "final_val_loss",
                "final_val_bpb", "final_val_accuracy", "tokens_per_s", "final_reward_raw", "final_kl",
                "pass_rate", "judge_sft", "judge_ppo", "win_rate_ppo_vs_sft_judge", "kl_ppo_to_sft")
-
-
-def _rows(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _fmt(value) -> str:
@@ -52,7 +46,7 @@ def plot_curves(run_dir: Path, out_dir: Path) -> list[tuple[str, Path]]:
     made = []
     curves = [(stage, *curve) for stage, cls in STAGE_TYPES.items() for curve in cls.CURVES]  # declared per stage
     for stage, file, x, y, title, ylabel in curves:
-        rows = [r for r in _rows(run_dir / stage / file) if r.get(y) is not None]
+        rows = [r for r in read_jsonl(run_dir / stage / file) if r.get(y) is not None]
         if not rows:
             continue
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -71,7 +65,7 @@ def plot_curves(run_dir: Path, out_dir: Path) -> list[tuple[str, Path]]:
 
 
 def _samples_section(run_dir: Path) -> list[str]:
-    samples = _rows(run_dir / "evaluate" / "results" / "samples.jsonl")
+    samples = read_jsonl(run_dir / "evaluate" / "results" / "samples.jsonl")
     if not samples:
         return []
     lines = ["## Sample generations (held-out prompts; judge score in brackets)", ""]

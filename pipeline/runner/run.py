@@ -12,7 +12,6 @@ import shlex
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from pipeline.recipe.config import ConfigError
 from pipeline.recipe.schema import Recipe
@@ -171,7 +170,3 @@ def push_outputs(recipe: Recipe, names: list[str]) -> int:
                   file=sys.stderr)
             return 1
     return 0
-
-
-def default_recipe() -> Path:
-    return Path(__file__).resolve().parents[2] / "recipes" / "tiny.yaml"

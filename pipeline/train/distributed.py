@@ -20,6 +20,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from pipeline.recipe.stages import is_deepspeed_config
+
 log = logging.getLogger(__name__)
 
 TORCH_EXTENSIONS_CACHE = Path("~/.cache/llm-pipeline/torch_extensions")
@@ -139,14 +141,6 @@ def launch_env(num_processes: int, config_file: str | Path | None,
     return env
 
 
-def is_deepspeed_config(config_file: Path) -> bool:
-    """Whether an accelerate config file selects DeepSpeed (for `launch_env`)."""
-    import yaml
-
-    data = yaml.safe_load(Path(config_file).read_text()) or {}
-    return str(data.get("distributed_type", "")).upper() == "DEEPSPEED"
-
-
 def finish(accelerator) -> None:
     """End a distributed run cleanly: barrier, then destroy the process group.
 
@@ -158,6 +152,11 @@ def finish(accelerator) -> None:
     accelerator.end_training()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def uses_deepspeed(accelerator) -> bool:
+    """Whether this run's accelerator is DeepSpeed (ZeRO steps its own flat optimizer partitions)."""
+    return accelerator.state.deepspeed_plugin is not None
 
 
 def zero_stage(accelerator) -> int | None:

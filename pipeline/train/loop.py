@@ -46,6 +46,7 @@ import torch
 from accelerate.utils import broadcast
 from tqdm.auto import tqdm
 
+from pipeline.data.chat import IGNORE_INDEX
 from pipeline.data.packing import read_rows
 from pipeline.errors import StageError
 from pipeline.recipe.settings import TrainSettings, muon_under_deepspeed
@@ -292,7 +293,7 @@ def default_token_count(batch: dict) -> int:
     """Target tokens in a packed LM batch ([B, T+1] blocks predict T tokens each)."""
     ids = batch["input_ids"]
     if "labels" in batch:
-        return int((batch["labels"][:, 1:] != -100).sum())
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     return ids.shape[0] * (ids.shape[1] - 1)
 
 
@@ -481,7 +482,7 @@ def train(
     if settings.activation_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
-    deepspeed = accelerator.state.deepspeed_plugin is not None
+    deepspeed = distributed.uses_deepspeed(accelerator)
     if deepspeed and settings.optimizer == "muon":
         raise muon_under_deepspeed()
     # DeepSpeed steps the optimizer over its own flat partitions: leave it the plain AdamW

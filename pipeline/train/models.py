@@ -17,10 +17,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from pipeline.data.chat import IGNORE_INDEX
 from pipeline.recipe.settings import ModelSettings
-
-IGNORE_INDEX = -100
-
 
 # --- config and construction ---
 
