@@ -30,9 +30,12 @@ def train_nano(data_dir, work_dir, max_steps: int, save_every: int, delay: float
     accelerator = distributed.make_accelerator(1, None, micro_batch_size=4)
     set_seed(0)
     model = models.build_model(settings, 300, 0, 1, 2)
-    _, summary = training.train(accelerator, model, data, packing.collate_blocks,
-                                lambda m, b: models.causal_lm_loss(m, b, settings), train, Path(work_dir),
-                                seed=0, on_step=lambda step, loss: time.sleep(delay))
+    def slow_loss(m, b):  # each step takes at least `delay`: a test kills the process mid-run
+        time.sleep(delay)
+        return models.causal_lm_loss(m, b, settings)
+
+    _, summary = training.train(accelerator, model, data, packing.collate_blocks, slow_loss, train, Path(work_dir),
+                                seed=0)
     distributed.finish(accelerator)
     return summary
 

@@ -52,7 +52,7 @@ def build(packed, model_settings=MODEL):
     return models.build_model(model_settings, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
 
 
-def run_training(packed, work_dir, train_settings, loss_fn=None, evaluate=False, on_step=None, train_data=None,
+def run_training(packed, work_dir, train_settings, loss_fn=None, evaluate=False, train_data=None,
                  model_settings=MODEL):
     tok, all_train, val_data, *_ = packed
     train_data = all_train if train_data is None else train_data
@@ -61,7 +61,7 @@ def run_training(packed, work_dir, train_settings, loss_fn=None, evaluate=False,
     evaluator = training.make_lm_evaluator(accelerator, val_data, collate_blocks, 4, 4, token_byte_lengths(tok)) if evaluate else None
     loss_fn = loss_fn or (lambda m, b: models.causal_lm_loss(m, b, model_settings))
     model, summary = training.train(accelerator, model, train_data, collate_blocks, loss_fn, train_settings, work_dir,
-                                    seed=0, run_start=time.time() - 100, evaluate=evaluator, on_step=on_step)
+                                    seed=0, run_start=time.time() - 100, evaluate=evaluator)
     return accelerator, model, summary
 
 
@@ -271,12 +271,17 @@ def test_resume_follows_the_uninterrupted_loss_curve(packed, tmp_path, optimizer
     class Crash(Exception):
         pass
 
-    def crash_at_5(step, loss):
-        if step == 5:
+    calls = []
+
+    def crash_in_step_6(model, batch):  # steps 1-5 run (and are logged), then the process dies
+        calls.append(1)
+        if len(calls) > 5 * s.grad_accum_steps:
             raise Crash
+        return models.causal_lm_loss(model, batch, MODEL)
 
     with pytest.raises(Crash):
-        run_training(packed, tmp_path / "resumed", s, on_step=crash_at_5, train_data=data)
+        run_training(packed, tmp_path / "resumed", s, loss_fn=crash_in_step_6, train_data=data)
+    assert sorted(losses(tmp_path / "resumed")) == [1, 2, 3, 4, 5]
     assert [p.name for p in training.list_checkpoints(tmp_path / "resumed")] == ["step-000003"]
     _, _, summary = run_training(packed, tmp_path / "resumed", s, train_data=data)
     assert summary["resumed_from_step"] == 3 and summary["steps"] == 8

@@ -21,6 +21,7 @@ FORMAT_COLUMNS = {
     "rankings": ("prompt", "responses", "ranks"),
     "ratings": ("prompt", "response", "rating"),
 }
+PREFERENCE_FORMATS = tuple(FORMAT_COLUMNS)  # the one list of preference formats (recipes, task, labeling)
 
 
 def detect_format(columns: list[str]) -> str | None:

@@ -31,10 +31,12 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
+from pipeline.data.preferences import PREFERENCE_FORMATS
+
 SAMPLES = "samples.jsonl"
 JUDGEMENTS = "judgements.jsonl"
 SESSION = "session.json"
-FORMATS = ("rankings", "ratings", "pairs", "sft")
+FORMATS = (*PREFERENCE_FORMATS, "sft")  # what an export writes
 CORRECTION_PREFERRED = ("all_bad", "always", "never")
 EXPORT_VERSION = 1  # bump when the exported rows change for the same judgements
 MAX_TEXT = 200_000  # characters of a correction
@@ -503,19 +505,13 @@ def export(folder: Path, out: Path, validation_fraction: float = 0.1, correction
                "no_preference": sum(preference_ranking(store.items[store.index[j["id"]]], j, correction_preferred) is None
                                     for j in judgements),
                "agreement": agreement(store.items, store.latest())}
-    manifest = {
-        "stage": "label",
-        "fingerprint": artifacts.fingerprint({"stage": "label", "version": EXPORT_VERSION, "judgements": session_fp,
-                                              "settings": settings}),
-        "inputs": {"session": {"spec": str(store.folder), "kind": "path", "fingerprint": session_fp,
-                               "path": str(store.folder.resolve())}},
-        "outputs": sorted(counts),
-        "settings": settings,
-        "model": None,
-        "seed": None,
-        "metrics": metrics,
-        **artifacts.provenance(started),
-    }
+    manifest = artifacts.make_manifest(
+        stage="label",
+        fingerprint=artifacts.fingerprint({"stage": "label", "version": EXPORT_VERSION, "judgements": session_fp,
+                                           "settings": settings}),
+        inputs={"session": {"spec": str(store.folder), "kind": "path", "fingerprint": session_fp,
+                            "path": str(store.folder.resolve())}},
+        outputs=sorted(counts), settings=settings, metrics=metrics, started=started)
     artifacts.publish(staging, out, manifest)
     return {**manifest, "complete": True}
 

@@ -14,6 +14,7 @@ from typing import ClassVar, Literal, NamedTuple, TypeVar
 
 import yaml
 
+from pipeline.data.preferences import PREFERENCE_FORMATS
 from pipeline.recipe.config import ConfigError, require_at_least
 from pipeline.recipe.ppo_settings import PPOSettings
 from pipeline.recipe.settings import PushSettings, TrainSettings, muon_under_deepspeed
@@ -187,7 +188,7 @@ class InstructionsSettings(StageSettings):
 
     sft_train: int = 4000
     sft_eval: int = 200
-    preference_kind: Literal["pairs", "rankings", "ratings"] = "pairs"
+    preference_kind: Literal[PREFERENCE_FORMATS] = "pairs"
     preference_train: int = 4000
     preference_eval: int = 200
     prompts_train: int = 2000
@@ -246,7 +247,7 @@ class SFTSettings(ChatTrainSettings):
 @stage_type("reward")
 @dataclass
 class RewardSettings(ChatTrainSettings):
-    format: Literal["auto", "pairs", "rankings", "ratings"] = "auto"
+    format: Literal[("auto", *PREFERENCE_FORMATS)] = "auto"
     """auto: detected from the columns (pipeline/data/preferences.py lists them)"""
     use_margin: bool = False
     """subtract the pair's margin (rating/rank difference, or a `margin` column) inside the loss (Llama 2)"""

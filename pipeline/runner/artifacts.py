@@ -127,6 +127,13 @@ def publish(staging: Path, final: Path, manifest: dict) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def make_manifest(*, stage: str, fingerprint: str, inputs: dict, outputs: list[str], settings: dict, metrics: dict,
+                  started: float, model: dict | None = None, seed: int | None = None) -> dict:
+    """The manifest of a published artifact (stages and labeling exports): what made it, from what, when."""
+    return {"stage": stage, "fingerprint": fingerprint, "inputs": inputs, "outputs": outputs, "settings": settings,
+            "model": model, "seed": seed, "metrics": metrics, **provenance(started)}
+
+
 def provenance(started: float) -> dict:
     """When and with what an artifact was made: manifest fields every producer writes."""
     import sys

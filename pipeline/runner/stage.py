@@ -96,18 +96,18 @@ def check_upstream(recipe: Recipe, name: str, planned: dict) -> None:
 
 
 def build_manifest(ctx: StageContext, started: float) -> dict:
-    return {
-        "stage": ctx.name,
-        "fingerprint": ctx.fingerprint,
-        "inputs": {k: {"spec": v.spec, "kind": v.kind, "fingerprint": ctx.input_fingerprints[k],
-                       **({"path": str(v.path)} if v.path else {})} for k, v in ctx.inputs.items()},
-        "outputs": sorted(o for o in ctx.settings.OUTPUTS if (ctx.staging_dir / o).exists()),
-        "settings": to_dict(ctx.settings),
-        "model": to_dict(ctx.recipe.model) if ctx.settings.USES_MODEL else None,
-        "seed": ctx.recipe.seed,
-        "metrics": ctx.metrics,
-        **artifacts.provenance(started),
-    }
+    return artifacts.make_manifest(
+        stage=ctx.name,
+        fingerprint=ctx.fingerprint,
+        inputs={k: {"spec": v.spec, "kind": v.kind, "fingerprint": ctx.input_fingerprints[k],
+                    **({"path": str(v.path)} if v.path else {})} for k, v in ctx.inputs.items()},
+        outputs=sorted(o for o in ctx.settings.OUTPUTS if (ctx.staging_dir / o).exists()),
+        settings=to_dict(ctx.settings),
+        model=to_dict(ctx.recipe.model) if ctx.settings.USES_MODEL else None,
+        seed=ctx.recipe.seed,
+        metrics=ctx.metrics,
+        started=started,
+    )
 
 
 def parse_args(argv: list[str] | None, name: str) -> argparse.Namespace:

@@ -30,6 +30,8 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from pipeline.data.preferences import PREFERENCE_FORMATS
+
 TASK_VERSION = "2"  # bump when sentences, templates, references or the judge change
 EVAL_FRACTION = 0.2  # share of sentences held out for evaluation
 SPLIT_KEY_WORDS = 5  # sentences starting with the same words share a split
@@ -583,7 +585,7 @@ def build_prompt_dataset(n_train: int = 2000, n_eval: int = 200, seed: int = 0):
     return _splits(rows, features, n_train, n_eval)
 
 
-PREFERENCE_KINDS = ("pairs", "rankings", "ratings")
+PREFERENCE_KINDS = PREFERENCE_FORMATS
 RANKING_SIZE = 4  # responses per ranking: the reference and three corruptions
 RATINGS_PER_PROMPT = 3  # rated responses per prompt (rows share the prompt)
 

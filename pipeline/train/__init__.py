@@ -6,7 +6,11 @@
     # gloo + fp32 on CPU, NCCL + bf16 on GPU, DeepSpeed ZeRO from the accelerate config
     summary = train(accelerator, model, train_data, collate, loss_fn, s, work_dir, seed=seed, evaluate=eval_fn)
 
-Modules: `loop` (steps, schedule, clipping, accumulation, evaluation, checkpoints, exact resume, the NaN
+A stage with its own kind of step (PPO) calls `run_loop(accelerator, model, step, settings, work_dir, ...)`
+with `step(state, indices, time_fraction) -> StepResult` and gets the same resume, NaN guard, time
+budget, logs and checkpoints.
+
+Modules: `loop` (the `run_loop` skeleton and the supervised step: schedule, clipping, accumulation, evaluation, checkpoints, exact resume, the NaN
 guard, the time budget, logs), `muon` (the Muon optimizer), `models` (building the dense and MoE models,
 the language-model loss, the attention choice), `distributed` (the single place for accelerate,
 DeepSpeed and process-group wiring).

@@ -1,7 +1,10 @@
 """The one training loop: optimizer, schedule, accumulation, eval, logging, checkpoints, resume.
 
-Stages own only what is theirs: the model, the data and a `loss_fn(model, batch) -> (loss, aux)`
-(pretraining: `pipeline.train.models.causal_lm_loss`). Everything else lives here:
+`run_loop` is the skeleton every training stage runs (resume; then per step: the stage's step, record,
+evaluate, checkpoint; then the summary). Pretrain, SFT and the reward model call `train`, which builds
+the optimizer and the supervised step (`lm_step`) from a `loss_fn(model, batch) -> (loss, aux)`
+(pretraining: `pipeline.train.models.causal_lm_loss`); PPO passes its own step (one rollout and its
+updates, stages/ppo.py). Everything else lives here:
 
 * AdamW (or Muon for hidden matrices, `optimizer: muon`); weight decay only on matrices (biases,
   norms and embeddings are not decayed); the input embedding may get its own rate (embedding_lr_scale).
@@ -321,10 +324,10 @@ class Loop:
     save_every, keep_checkpoints and log_every: TrainSettings, or PPO's stage settings."""
 
     def __init__(self, accelerator, settings, work_dir: Path, *, run_start: float | None, evaluate, desc: str,
-                 prefix: str, flops_per_token: float | None, peak_flops: float | None, on_step):
+                 prefix: str, flops_per_token: float | None, peak_flops: float | None):
         self.accelerator, self.settings, self.work_dir = accelerator, settings, Path(work_dir)
         self.run_start = time.time() if run_start is None else run_start
-        self.evaluate, self.desc, self.prefix, self.on_step = evaluate, desc, prefix, on_step
+        self.evaluate, self.desc, self.prefix = evaluate, desc, prefix
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.loss_log, self.metrics_log = self.work_dir / "train_log.jsonl", self.work_dir / "metrics.jsonl"
         self.eval_every = getattr(settings, "eval_every", None)
@@ -378,8 +381,6 @@ class Loop:
         self.window_tokens += result.tokens
         if self.accelerator.is_main_process:
             append_jsonl(self.loss_log, {"step": state.step, **result.row})
-        if self.on_step is not None:
-            self.on_step(state.step, result.row.get("loss"))
         if state.step % self.settings.log_every == 0 or self.is_last(state):
             tok_s = self.window_tokens / max(1e-9, time.time() - self.window_t)
             scalars = {**result.scalars, f"{self.prefix}tokens_per_s": tok_s, f"{self.prefix}tokens": state.tokens}
@@ -433,17 +434,15 @@ class Loop:
 def run_loop(accelerator, model, step: Step, settings, work_dir: Path, *, seed: int, n_examples: int,
              global_batch: int, evaluate: Callable[[Any], dict[str, float]] | None = None,
              run_start: float | None = None, desc: str = "train", prefix: str = "train/",
-             flops_per_token: float | None = None, peak_flops: float | None = None,
-             on_step: Callable[[int, float | None], None] | None = None) -> tuple[TrainerState, dict]:
+             flops_per_token: float | None = None, peak_flops: float | None = None) -> tuple[TrainerState, dict]:
     """The training loop every stage shares (pretrain, SFT and reward through `train`, PPO with its own
     step): resume, then steps over seeded global batches until max_steps or the time budget, each
     recorded (NaN guard, logs), evaluated and checkpointed on schedule; returns the state and a summary.
-    `evaluate(model)` runs on all ranks (it must do the same forwards on each); `on_step(step, loss)` is
-    called after each step (tests slow or crash a run with it)."""
+    `evaluate(model)` runs on all ranks (it must do the same forwards on each);"""
     if n_examples < global_batch:
         raise StageError(f"train data has {n_examples} examples, fewer than one global batch of {global_batch}")
     loop = Loop(accelerator, settings, work_dir, run_start=run_start, evaluate=evaluate, desc=desc, prefix=prefix,
-                flops_per_token=flops_per_token, peak_flops=peak_flops, on_step=on_step)
+                flops_per_token=flops_per_token, peak_flops=peak_flops)
     state = loop.resume()
     while loop.should_continue(state):
         indices, state = next_global_batch(state, seed, n_examples, global_batch)
@@ -469,7 +468,6 @@ def train(
     count_tokens: Callable[[dict], int] = default_token_count,
     flops_per_token: float | None = None,
     peak_flops: float | None = None,
-    on_step: Callable[[int, float], None] | None = None,
 ):
     """Train `model` (not yet prepared) with `loss_fn(model, batch) -> (loss, aux)` for settings.max_steps
     optimizer steps (or until max_train_seconds), resuming if possible: the optimizer and accelerator
@@ -498,7 +496,7 @@ def train(
     step = lm_step(accelerator, model, optimizer, train_data, collate, loss_fn, settings, count_tokens, work_dir)
     _, summary = run_loop(accelerator, model, step, settings, work_dir, seed=seed, n_examples=len(train_data),
                           global_batch=global_batch, evaluate=evaluate, run_start=run_start,
-                          flops_per_token=flops_per_token, peak_flops=peak_flops, on_step=on_step)
+                          flops_per_token=flops_per_token, peak_flops=peak_flops)
     return model, summary
 
 
