@@ -25,7 +25,7 @@ from types import SimpleNamespace
 import torch
 
 from pipeline.data import chat as chat_data
-from pipeline.data.sources import load_dataset_input, model_path, require_architecture, require_columns
+from pipeline.data.sources import load_dataset_input, model_path, require_columns, require_model_kind
 from pipeline.recipe.ppo_settings import PPOSettings
 from pipeline.recipe.stages import PPOStageSettings
 from pipeline.rl.ppo_trainer import PPOTrainer, prepare_frozen
@@ -33,7 +33,7 @@ from pipeline.rl.rollout import reward_model_scores
 from pipeline.runner.artifacts import read_jsonl
 from pipeline.runner.stage import StageContext, StageError, stage_main
 from pipeline.train.distributed import describe, finish, make_accelerator
-from pipeline.train.loop import StepResult, run_loop
+from pipeline.train.loop import StepResult, run_loop, write_generation_config
 from pipeline.train.models import attn_implementation
 
 log = logging.getLogger("pipeline")
@@ -55,11 +55,11 @@ def load_models(ctx: StageContext, attn: str):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     def causal(spec):
-        require_architecture(model_path(spec), "ForCausalLM", spec)
+        require_model_kind(model_path(spec), "causal-lm", spec)
         return AutoModelForCausalLM.from_pretrained(model_path(spec), dtype=torch.float32, attn_implementation=attn)
 
     def scalar(spec):
-        require_architecture(model_path(spec), "ForSequenceClassification", spec)
+        require_model_kind(model_path(spec), "sequence-classification", spec)
         model = AutoModelForSequenceClassification.from_pretrained(model_path(spec), dtype=torch.float32,
                                                                    attn_implementation=attn)
         if model.config.num_labels != 1:
@@ -79,8 +79,6 @@ def load_models(ctx: StageContext, attn: str):
 
 def export(accelerator, trainer, tokenizer, ctx: StageContext) -> None:
     """The policy and the value model as two standalone checkpoints (collective under ZeRO-3)."""
-    from transformers import GenerationConfig
-
     state = accelerator.get_state_dict(trainer.model)
     if not accelerator.is_main_process:
         return
@@ -90,8 +88,8 @@ def export(accelerator, trainer, tokenizer, ctx: StageContext) -> None:
         module.config.use_cache = True
         module.save_pretrained(out, state_dict={k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
         tokenizer.save_pretrained(out)
-    GenerationConfig(bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
-                     eos_token_id=chat_data.stop_token_ids(tokenizer)).save_pretrained(ctx.output_dir("model"))
+    write_generation_config(ctx.output_dir("model"), tokenizer.bos_token_id, tokenizer.pad_token_id,
+                            chat_data.stop_token_ids(tokenizer))
 
 
 def run(ctx: StageContext[PPOStageSettings]) -> None:

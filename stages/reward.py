@@ -28,7 +28,7 @@ from pipeline.data.sources import load_dataset_input, model_path, require_column
 from pipeline.recipe.stages import RewardSettings
 from pipeline.runner.stage import StageContext, StageError, stage_main
 from pipeline.train.distributed import describe, finish, make_accelerator
-from pipeline.train.loop import eval_shard, export_model, train
+from pipeline.train.loop import export_model, sharded_sums, train
 from pipeline.train.models import attn_implementation
 
 log = logging.getLogger("pipeline")
@@ -79,20 +79,18 @@ def bradley_terry_loss(model, batch: dict, use_margin: bool) -> tuple[torch.Tens
 def make_reward_evaluator(accelerator, groups: list[dict], pad_id: int, micro_batch_size: int, max_batches: int | None):
     """Held-out pairwise accuracy (every pair counts once) and the mean/std of all held-out scores."""
 
-    mine, n_batches = eval_shard(accelerator, len(groups), micro_batch_size, max_batches)
+    def batch_sums(model, idx: list[int]) -> torch.Tensor:  # correct, pairs, s, s², n, loss
+        batch = {k: v.to(accelerator.device) for k, v in collate_groups([groups[i] for i in idx], pad_id).items()}
+        r = scores(model, batch["input_ids"]).double()
+        diff = r[batch["better"]] - r[batch["worse"]]
+        return torch.stack([(diff > 0).double().sum(), torch.tensor(float(diff.numel()), device=r.device),
+                            r.sum(), (r * r).sum(), torch.tensor(float(r.numel()), device=r.device),
+                            -F.logsigmoid(diff).sum()])
+
+    run = sharded_sums(accelerator, len(groups), micro_batch_size, max_batches, 6, batch_sums)
 
     def evaluate(model) -> dict[str, float]:
-        sums = torch.zeros(6, dtype=torch.float64, device=accelerator.device)  # correct, pairs, s, s², n, loss
-        for b in range(n_batches):
-            idx = mine[b * micro_batch_size:(b + 1) * micro_batch_size]
-            batch = {k: v.to(accelerator.device) for k, v in collate_groups([groups[i] for i in (idx or [0])], pad_id).items()}
-            r = scores(model, batch["input_ids"]).double()
-            diff = r[batch["better"]] - r[batch["worse"]]
-            w = 1.0 if idx else 0.0
-            sums += w * torch.stack([(diff > 0).double().sum(), torch.tensor(float(diff.numel()), device=r.device),
-                                     r.sum(), (r * r).sum(), torch.tensor(float(r.numel()), device=r.device),
-                                     -F.logsigmoid(diff).sum()])
-        sums = accelerator.reduce(sums, "sum")
+        sums = run(model)
         mean = sums[2] / sums[4]
         std = (sums[3] / sums[4] - mean * mean).clamp(min=0).sqrt()
         return {"val_accuracy": float(sums[0] / sums[1]), "val_loss": float(sums[5] / sums[1]),

@@ -20,12 +20,12 @@ import logging
 import torch
 
 from pipeline.data import chat as chat_data
-from pipeline.data.sources import load_dataset_input, model_path, require_architecture, require_columns
+from pipeline.data.sources import load_dataset_input, model_path, require_columns, require_model_kind
 from pipeline.recipe.stages import SFTSettings
 from pipeline.rl.rollout import generate_answers
 from pipeline.runner.stage import StageContext, StageError, stage_main
 from pipeline.train.distributed import describe, finish, make_accelerator
-from pipeline.train.loop import eval_shard, export_model, train
+from pipeline.train.loop import export_model, sharded_sums, train
 from pipeline.train.models import attn_implementation, causal_lm_loss
 
 log = logging.getLogger("pipeline")
@@ -42,34 +42,32 @@ def encode_split(part, tokenizer, s) -> list[dict]:
 
 
 def make_masked_evaluator(accelerator, rows: list[dict], collate, micro_batch_size: int, max_batches: int | None):
-    """Mean cross-entropy over assistant tokens of the validation conversations (every rank, same steps)."""
+    """Mean cross-entropy over assistant tokens of the validation conversations."""
 
-    mine, n_batches = eval_shard(accelerator, len(rows), micro_batch_size, max_batches)
+    def batch_sums(model, idx: list[int]) -> torch.Tensor:
+        batch = {k: v.to(accelerator.device) for k, v in collate([rows[i] for i in idx]).items()}
+        _, aux = causal_lm_loss(model, batch)
+        count = (batch["labels"][:, 1:] != chat_data.IGNORE_INDEX).sum()
+        return torch.stack([aux["ce"].double() * count, count.double()])
+
+    run = sharded_sums(accelerator, len(rows), micro_batch_size, max_batches, 2, batch_sums)
 
     def evaluate(model) -> dict[str, float]:
-        sums = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
-        for b in range(n_batches):
-            idx = mine[b * micro_batch_size:(b + 1) * micro_batch_size]
-            batch = {k: v.to(accelerator.device) for k, v in collate([rows[i] for i in (idx or [0])]).items()}
-            _, aux = causal_lm_loss(model, batch)
-            count = (batch["labels"][:, 1:] != chat_data.IGNORE_INDEX).sum()
-            weight = 1.0 if idx else 0.0
-            sums += weight * torch.stack([aux["ce"].double() * count, count.double()])
-        sums = accelerator.reduce(sums, "sum")
+        sums = run(model)
         return {"val_loss": float(sums[0] / sums[1].clamp(min=1))}
 
     return evaluate
 
 
 def run(ctx: StageContext[SFTSettings]) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     s = ctx.settings
     data = load_dataset_input(ctx.inputs["data"], seed=ctx.seed)
     columns = [s.prompt_column, s.completion_column] if s.prompt_column else [s.messages_column]
     require_columns(data, columns, ctx.inputs["data"])
     source = model_path(ctx.inputs["model"])
-    require_architecture(source, "ForCausalLM", ctx.inputs["model"])
+    require_model_kind(source, "causal-lm", ctx.inputs["model"])
     tokenizer = AutoTokenizer.from_pretrained(source)
     if tokenizer.chat_template is None:
         raise StageError(f"input model: the tokenizer in {source} has no chat template")
@@ -89,7 +87,7 @@ def run(ctx: StageContext[SFTSettings]) -> None:
     model, summary = train(accelerator, model, train_rows, collate, causal_lm_loss, s, ctx.work_dir,
                            seed=ctx.seed, run_start=ctx.run_start, evaluate=evaluate)
     out_dir = ctx.output_dir("model") if accelerator.is_main_process else None
-    export_model(accelerator, model, out_dir, tokenizer)
+    export_model(accelerator, model, out_dir, tokenizer, chat_data.stop_token_ids(tokenizer))  # stop at the turn's end
 
     prompts = [row[s.prompt_column] if s.prompt_column else row[s.messages_column][0]["content"]
                for row in data["validation"].select(range(min(s.sample_prompts, len(data["validation"]))))]
@@ -98,10 +96,6 @@ def run(ctx: StageContext[SFTSettings]) -> None:
     samples = [a[0] for a in generate_answers(unwrapped, tokenizer, prompts, max_new_tokens=s.max_new_tokens,
                                               do_sample=False, device=accelerator.device)]  # greedy
     if accelerator.is_main_process:
-        # chat generation stops at the end of the assistant turn
-        gen = GenerationConfig.from_pretrained(out_dir)
-        gen.eos_token_id = chat_data.stop_token_ids(tokenizer)
-        gen.save_pretrained(out_dir)
         for prompt, response in zip(prompts, samples):
             log.info("sample\n  prompt: %s\n  response: %s", prompt, response)
         ctx.metrics.update(summary, distributed=describe(accelerator), train_conversations=len(train_rows),

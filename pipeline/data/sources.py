@@ -103,11 +103,35 @@ def model_path(spec: InputSpec) -> str:
     return str(spec.path)
 
 
-def require_architecture(path: str, suffix: str, spec: InputSpec) -> None:
+MODEL_KINDS = {
+    "causal-lm": "a causal language model (AutoModelForCausalLM)",
+    "sequence-classification": "a sequence-classification model, as reward and value models are "
+                               "(AutoModelForSequenceClassification)",
+}
+
+
+def model_kind(config: dict) -> str | None:
+    """What a checkpoint with this config.json is, decided by transformers' auto-class mappings (not by
+    class names: GPT-2's causal LM is `GPT2LMHeadModel`): the kind whose mapping holds its architectures."""
+    from transformers.models.auto import modeling_auto as auto
+
+    architectures = set(config.get("architectures") or [])
+    for kind, mapping in (("causal-lm", auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES),
+                          ("sequence-classification", auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)):
+        names = {n for v in mapping.values() for n in ((v,) if isinstance(v, str) else v)}
+        if architectures & names:
+            return kind
+    return None
+
+
+def require_model_kind(path: str, kind: str, spec: InputSpec) -> None:
     """Refuse a checkpoint of the wrong kind (a reward model given as a policy, or the reverse)."""
     import json
 
-    architectures = json.loads((Path(path) / "config.json").read_text()).get("architectures") or []
-    if not any(a.endswith(suffix) for a in architectures):
-        raise StageError(f"input {spec.name}: {spec.spec} is a {', '.join(architectures) or 'model of unknown kind'}; "
-                         f"this input needs a *{suffix} checkpoint")
+    config = json.loads((Path(path) / "config.json").read_text())
+    found = model_kind(config)
+    if found != kind:
+        architectures = config.get("architectures") or ["checkpoint without architectures"]
+        what = MODEL_KINDS.get(found, "not a model transformers can load as either kind")
+        raise StageError(f"input {spec.name}: {spec.spec} is a {', '.join(architectures)}, {what}; this input needs "
+                         f"{MODEL_KINDS[kind]}")

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.data.sources import model_kind
+
 TASKS = {  # auto class -> (pipeline_tag, model-index task type, task name)
     "AutoModelForCausalLM": ("text-generation", "text-generation", "Causal language modeling"),
     "AutoModelForSequenceClassification": ("text-classification", "text-classification", "Reward modeling"),
@@ -59,10 +61,10 @@ class CardInfo:
 
 def auto_class_for(config: dict) -> str:
     """The transformers auto class that loads a checkpoint with this config.json."""
-    archs = config.get("architectures") or []
-    if any(a.endswith("ForSequenceClassification") for a in archs):
+    kind = model_kind(config)
+    if kind == "sequence-classification":
         return "AutoModelForSequenceClassification"
-    if any(a.endswith("ForCausalLM") for a in archs) or not archs:
+    if kind == "causal-lm" or not config.get("architectures"):
         return "AutoModelForCausalLM"
     return "AutoModel"
 

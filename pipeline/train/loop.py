@@ -554,12 +554,27 @@ def lm_step(accelerator, model, optimizer, train_data, collate, loss_fn, setting
 
 # --- evaluation for language models ---
 
-def eval_shard(accelerator, available: int, micro_batch_size: int, max_batches: int | None) -> tuple[list[int], int]:
-    """(this rank's example indices, batches every rank runs) for an evaluation over the first
-    max_batches*micro_batch_size*processes of `available` examples (max_batches None: all of them)."""
+def sharded_sums(accelerator, examples: int, micro_batch_size: int, max_batches: int | None, size: int,
+                 batch_sums: Callable[[Any, list[int]], torch.Tensor]) -> Callable[[Any], torch.Tensor]:
+    """The evaluation loop every evaluator shares: `run(model)` adds up `batch_sums(model, indices)` (a float64 vector
+    of `size` statistics) over this rank's micro batches of the first max_batches*micro_batch_size*
+    processes examples (max_batches None: all of them) and sums the result over ranks. Every rank runs
+    the same number of forwards (ZeRO-3 gathers parameters collectively): a rank short of data runs
+    example 0 with weight 0."""
     world, rank = accelerator.num_processes, accelerator.process_index
-    n = available if max_batches is None else min(available, max_batches * micro_batch_size * world)
-    return list(range(rank, n, world)), math.ceil(math.ceil(n / world) / micro_batch_size)
+    n = examples if max_batches is None else min(examples, max_batches * micro_batch_size * world)
+    mine = list(range(rank, n, world))
+    n_batches = math.ceil(math.ceil(n / world) / micro_batch_size)
+
+    @torch.no_grad()
+    def run(model) -> torch.Tensor:
+        sums = torch.zeros(size, dtype=torch.float64, device=accelerator.device)
+        for b in range(n_batches):
+            idx = mine[b * micro_batch_size:(b + 1) * micro_batch_size]
+            sums += (1.0 if idx else 0.0) * batch_sums(model, idx or [0])
+        return accelerator.reduce(sums, "sum")
+
+    return run
 
 
 def make_lm_evaluator(accelerator, val_data, collate, micro_batch_size: int, max_batches: int | None,
@@ -568,35 +583,31 @@ def make_lm_evaluator(accelerator, val_data, collate, micro_batch_size: int, max
     (max_batches None: the whole validation split).
 
     val_loss: mean CE (nats) per target token. val_bpb: CE summed over targets that stand for text
-    (byte length > 0), / ln 2, / their bytes (pipeline.data.packing.token_byte_lengths). Every rank runs
-    the same number of forwards (ZeRO-3 gathers parameters collectively); ranks short of data
-    repeat block 0 with zero weight.
+    (byte length > 0), / ln 2, / their bytes (pipeline.data.packing.token_byte_lengths).
     """
     import torch.nn.functional as F
 
     if len(val_data) == 0:
         raise ValueError("validation data is empty: not even one block; use a smaller block_size or more text")
-    mine, n_batches = eval_shard(accelerator, len(val_data), micro_batch_size, max_batches)
     lengths = None if byte_lengths is None else byte_lengths.to(accelerator.device)
+    def batch_sums(model, idx: list[int]) -> torch.Tensor:  # ce, tokens, ce on text tokens, bytes
+        batch = _to_device(collate(_rows(val_data, idx)), accelerator.device)
+        ids = batch["input_ids"]
+        out = model(input_ids=ids[:, :-1], position_ids=batch["position_ids"][:, :-1], use_cache=False)
+        targets = ids[:, 1:]
+        ce = F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten(), reduction="none").double()
+        zero = torch.zeros((), dtype=torch.float64, device=ce.device)
+        text, nbytes = zero, zero
+        if lengths is not None:
+            token_bytes = lengths[targets.flatten()]
+            text, nbytes = (ce * (token_bytes > 0)).sum(), token_bytes.sum().double()
+        return torch.stack([ce.sum(), torch.tensor(float(ce.numel()), dtype=torch.float64, device=ce.device),
+                            text, nbytes])
 
-    @torch.no_grad()
+    run = sharded_sums(accelerator, len(val_data), micro_batch_size, max_batches, 4, batch_sums)
+
     def evaluate(model) -> dict[str, float]:
-        sums = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # ce, tokens, ce_text, bytes
-        for b in range(n_batches):
-            idx = mine[b * micro_batch_size:(b + 1) * micro_batch_size]
-            weight = 1.0 if idx else 0.0
-            batch = _to_device(collate(_rows(val_data, idx or [0])), accelerator.device)
-            ids = batch["input_ids"]
-            out = model(input_ids=ids[:, :-1], position_ids=batch["position_ids"][:, :-1], use_cache=False)
-            targets = ids[:, 1:]
-            ce = F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten(), reduction="none").double()
-            sums[0] += weight * ce.sum()
-            sums[1] += weight * ce.numel()
-            if lengths is not None:
-                nbytes = lengths[targets.flatten()]
-                sums[2] += weight * (ce * (nbytes > 0)).sum()
-                sums[3] += weight * nbytes.sum()
-        sums = accelerator.reduce(sums, "sum")
+        sums = run(model)
         result = {"val_loss": float(sums[0] / sums[1])}
         if lengths is not None:
             result["val_bpb"] = float(sums[2] / math.log(2) / sums[3].clamp(min=1))
@@ -607,13 +618,19 @@ def make_lm_evaluator(accelerator, val_data, collate, micro_batch_size: int, max
 
 # --- export ---
 
-def export_model(accelerator, model, out_dir: Path, tokenizer=None) -> None:
-    """A self-contained Hugging Face checkpoint: config, safetensors weights, generation config, tokenizer.
+def write_generation_config(out_dir: Path, bos_token_id, pad_token_id, eos_token_id) -> None:
+    """generation_config.json; a chat model's eos_token_id lists its stop tokens (end of turn, then eos)."""
+    from transformers import GenerationConfig
+
+    GenerationConfig(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id).save_pretrained(out_dir)
+
+
+def export_model(accelerator, model, out_dir: Path, tokenizer=None, stop_token_ids: list[int] | None = None) -> None:
+    """A self-contained Hugging Face checkpoint: config, safetensors weights, generation config (stopping
+    at `stop_token_ids` when given, else at the model's eos), tokenizer.
 
     Collective: call on every rank (ZeRO-3 gathers the weights; needs zero3_save_16bit_model: true).
     """
-    from transformers import GenerationConfig
-
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         out_dir = Path(out_dir)
@@ -622,8 +639,7 @@ def export_model(accelerator, model, out_dir: Path, tokenizer=None) -> None:
         unwrapped = getattr(unwrapped, "_orig_mod", unwrapped)  # torch.compile
         unwrapped.save_pretrained(out_dir, state_dict=state_dict)
         cfg = unwrapped.config
-        GenerationConfig(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
-                         pad_token_id=cfg.pad_token_id).save_pretrained(out_dir)
+        write_generation_config(out_dir, cfg.bos_token_id, cfg.pad_token_id, stop_token_ids or cfg.eos_token_id)
         if tokenizer is not None:
             tokenizer.save_pretrained(out_dir)
     accelerator.wait_for_everyone()
