@@ -61,7 +61,7 @@ def reward_scores(reward_model, tokenizer, prompts: list[str], responses: list[s
     out: list[float] = []
     for i in range(0, len(prompts), 32):
         seqs = [chat_data.encode_scored(tokenizer, p, r, max_length) for p, r in zip(prompts[i:i + 32], responses[i:i + 32])]
-        ids, mask = left_pad(seqs, tokenizer.pad_token_id)
+        ids, mask = left_pad(seqs, chat_data.pad_id(tokenizer))
         out += reward_model_scores(reward_model, ids, mask).tolist()
     return out
 
@@ -74,10 +74,10 @@ def kl_to_reference(policy, reference, tokenizer, prompts: list[str], s, seed: i
     totals = []
     for i in range(0, len(prompts), s.batch_size):
         query, query_mask = left_pad([chat_data.prompt_ids(tokenizer, p) for p in prompts[i:i + s.batch_size]],
-                                     tokenizer.pad_token_id)
+                                     chat_data.pad_id(tokenizer))
         roll = generate_responses(policy, query, query_mask, max_new_tokens=s.max_new_tokens,
                                   temperature=s.kl_temperature, eos_token_id=chat_data.stop_token_ids(tokenizer),
-                                  pad_token_id=tokenizer.pad_token_id, generator=gen)
+                                  pad_token_id=chat_data.pad_id(tokenizer), generator=gen)
         start = query.shape[1]
         lp = batched_logprobs(policy, roll.input_ids, roll.attention_mask, start, s.kl_temperature)
         ref = batched_logprobs(reference, roll.input_ids, roll.attention_mask, start, s.kl_temperature)

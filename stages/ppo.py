@@ -113,7 +113,8 @@ def run(ctx: StageContext[PPOStageSettings]) -> None:
     algo.update(reward_mean=mean, reward_std=std)
     optim = lambda params, lr: torch.optim.AdamW(params, lr=lr, weight_decay=s.weight_decay, eps=1e-5)  # noqa: E731
     trainer = PPOTrainer(policy, reference, value, None, SimpleNamespace(
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=chat_data.stop_token_ids(tokenizer)),
+        pad_token_id=chat_data.pad_id(tokenizer),
+        eos_token_id=chat_data.stop_token_ids(tokenizer, policy.generation_config.eos_token_id)),
         PPOSettings(**algo), accelerator, optim(policy.parameters(), s.learning_rate),
         optim(value.parameters(), s.value_learning_rate or s.learning_rate), seed=ctx.seed)
     reward = prepare_frozen(reward, accelerator)

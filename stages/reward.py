@@ -128,6 +128,13 @@ def run(ctx: StageContext[RewardSettings]) -> None:
     fmt, split_groups = load_groups(ctx)
     source = model_path(ctx.inputs["model"])
     tokenizer = AutoTokenizer.from_pretrained(source)
+    if s.chat_template is not None:
+        tokenizer.chat_template = s.chat_template
+    if tokenizer.chat_template is None:
+        raise StageError(f"input model: the tokenizer in {source} has no chat template; set stages.reward.chat_template")
+    # never pad = eos: the model reads its score at the last non-pad token, and a scored sequence ends with
+    # the end-of-turn token, often eos itself (chat_data.ensure_pad_token)
+    grew = chat_data.ensure_pad_token(tokenizer, scored=True)
     train_groups = encode_groups(split_groups["train"][0], tokenizer, s.max_length)
     val_groups = encode_groups(split_groups["validation"][0], tokenizer, s.max_length)
 
@@ -136,11 +143,14 @@ def run(ctx: StageContext[RewardSettings]) -> None:
     accelerator.init_trackers("reward")
     config = AutoConfig.from_pretrained(source)
     config.num_labels = 1  # from_config/from_pretrained(num_labels=1) alone raises in transformers 5
-    config.pad_token_id = tokenizer.pad_token_id
+    config.pad_token_id = None if grew else tokenizer.pad_token_id  # a new pad id is set after the resize
     config.use_cache = False
     set_seed(ctx.seed)  # the new score head is drawn from the global generator
     model = AutoModelForSequenceClassification.from_pretrained(
         source, config=config, dtype=torch.float32, attn_implementation=attn_implementation(ctx.recipe.model.attention))
+    if grew:
+        model.resize_token_embeddings(len(tokenizer))
+        model.config.pad_token_id = tokenizer.pad_token_id
     pad = tokenizer.pad_token_id
     evaluate = make_reward_evaluator(accelerator, val_groups, pad, s.micro_batch_size, s.eval_batches)
     model, summary = train(

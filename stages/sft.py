@@ -31,11 +31,36 @@ from pipeline.train.models import attn_implementation, causal_lm_loss
 log = logging.getLogger("pipeline")
 
 
-def encode_split(part, tokenizer, s) -> list[dict]:
+def data_format(columns: list[str], s: SFTSettings, spec) -> tuple[str, str | None, str | None]:
+    """(format, prompt column, completion column) from the settings or the dataset's column names (TRL's):
+    conversational `messages`, `prompt` + `completion`, or language-modeling `text`."""
+    if s.prompt_column is not None:
+        return "prompt-completion", s.prompt_column, s.completion_column
+    if s.messages_column in columns:
+        return "messages", None, None
+    if {"prompt", "completion"} <= set(columns):
+        return "prompt-completion", "prompt", "completion"
+    if "text" in columns:
+        return "text", None, None
+    raise StageError(f"input data ({spec.spec}): missing column(s) {s.messages_column}; its columns "
+                     f"{', '.join(columns)} match no SFT format (conversational `{s.messages_column}`, "
+                     f"`prompt` + `completion`, or `text`); set stages.sft.messages_column or prompt_column and "
+                     f"completion_column for other names")
+
+
+def first_user_text(messages: list[dict]) -> str:
+    return next((m["content"] for m in messages if m["role"] == "user"), messages[0]["content"])
+
+
+def encode_split(part, tokenizer, s, fmt: tuple[str, str | None, str | None]) -> list[dict]:
+    kind, prompt_column, completion_column = fmt
     rows = []
     for row in part:
-        messages = chat_data.row_messages(row, s.messages_column, s.prompt_column, s.completion_column)
-        encoded = chat_data.encode_conversation(tokenizer, messages, s.max_length)
+        if kind == "text":
+            encoded = chat_data.encode_text(tokenizer, row["text"], s.max_length)
+        else:
+            messages = chat_data.row_messages(row, s.messages_column, prompt_column, completion_column)
+            encoded = chat_data.encode_conversation(tokenizer, messages, s.max_length)
         if any(label != chat_data.IGNORE_INDEX for label in encoded["labels"][1:]):
             rows.append(encoded)
     return chat_data.pack_rows(rows, s.max_length) if s.packing else rows
@@ -64,17 +89,24 @@ def run(ctx: StageContext[SFTSettings]) -> None:
 
     s = ctx.settings
     data = load_dataset_input(ctx.inputs["data"], seed=ctx.seed)
-    columns = [s.prompt_column, s.completion_column] if s.prompt_column else [s.messages_column]
-    require_columns(data, columns, ctx.inputs["data"])
+    fmt = data_format(data["train"].column_names, s, ctx.inputs["data"])
+    require_columns(data, {"messages": [s.messages_column], "text": ["text"]}.get(fmt[0], list(fmt[1:])),
+                    ctx.inputs["data"])
     source = model_path(ctx.inputs["model"])
     require_model_kind(source, "causal-lm", ctx.inputs["model"])
     tokenizer = AutoTokenizer.from_pretrained(source)
-    if tokenizer.chat_template is None:
-        raise StageError(f"input model: the tokenizer in {source} has no chat template")
-    train_rows = encode_split(data["train"], tokenizer, s)
-    val_rows = encode_split(data["validation"], tokenizer, s)
+    if s.chat_template is not None:
+        tokenizer.chat_template = s.chat_template
+    if tokenizer.chat_template is None and fmt[0] != "text":
+        raise StageError(f"input model: the tokenizer in {source} has no chat template; set stages.sft.chat_template")
+    grew = chat_data.ensure_pad_token(tokenizer)
+    try:
+        train_rows = encode_split(data["train"], tokenizer, s, fmt)
+        val_rows = encode_split(data["validation"], tokenizer, s, fmt)
+    except chat_data.ChatTemplateError as e:
+        raise StageError(f"input model: {e}") from None
     if not train_rows or not val_rows:
-        raise StageError(f"input data: no conversation with assistant tokens within max_length={s.max_length}")
+        raise StageError(f"input data: no example with tokens to learn within max_length={s.max_length}")
 
     accelerator = make_accelerator(s.grad_accum_steps, ctx.work_dir / "tensorboard",
                                    micro_batch_size=s.micro_batch_size, grad_clip=s.grad_clip)
@@ -82,6 +114,9 @@ def run(ctx: StageContext[SFTSettings]) -> None:
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32,
                                                  attn_implementation=attn_implementation(ctx.recipe.model.attention))
     model.config.use_cache = False
+    if grew:  # the tokenizer had no pad token and got one (chat_data.ensure_pad_token)
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
     collate = lambda rows: chat_data.right_pad_collate(rows, tokenizer.pad_token_id)  # noqa: E731
     evaluate = make_masked_evaluator(accelerator, val_rows, collate, s.micro_batch_size, s.eval_batches)
     model, summary = train(accelerator, model, train_rows, collate, causal_lm_loss, s, ctx.work_dir,
@@ -89,8 +124,8 @@ def run(ctx: StageContext[SFTSettings]) -> None:
     out_dir = ctx.output_dir("model") if accelerator.is_main_process else None
     export_model(accelerator, model, out_dir, tokenizer, chat_data.stop_token_ids(tokenizer))  # stop at the turn's end
 
-    prompts = [row[s.prompt_column] if s.prompt_column else row[s.messages_column][0]["content"]
-               for row in data["validation"].select(range(min(s.sample_prompts, len(data["validation"]))))]
+    rows = data["validation"].select(range(min(s.sample_prompts if fmt[0] != "text" else 0, len(data["validation"]))))
+    prompts = [first_user_text(chat_data.row_messages(row, s.messages_column, *fmt[1:])) for row in rows]
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.config.use_cache = True
     samples = [a[0] for a in generate_answers(unwrapped, tokenizer, prompts, max_new_tokens=s.max_new_tokens,

@@ -210,6 +210,9 @@ class ChatTrainSettings(StageSettings, TrainSettings):
 
     max_length: int = 256
     """tokens per example; SFT truncates the end, the reward model keeps the end (its score is read there)"""
+    chat_template: str | None = None
+    """the chat template to use instead of the checkpoint's (Jinja text, or the path of a file holding it, read
+    when the recipe is parsed); saved with the trained checkpoint's tokenizer. none: the checkpoint's own"""
 
     INPUTS: ClassVar = {"model": "model", "data": "dataset"}
     OUTPUTS: ClassVar = ("model",)
@@ -219,13 +222,25 @@ class ChatTrainSettings(StageSettings, TrainSettings):
         validate_training_stage(self)
         if self.max_length < 8:
             raise ConfigError(f"max_length: must be at least 8, got {self.max_length}")
+        self.chat_template = read_chat_template(self.chat_template)
+
+
+def read_chat_template(value: str | None) -> str | None:
+    """A chat_template setting: Jinja text as it is, or the text of the file it names."""
+    if value is None or "{%" in value or "{{" in value:
+        return value
+    path = Path(value)
+    if not path.is_file():
+        raise ConfigError(f"chat_template: {value!r} is neither a Jinja template nor an existing file")
+    return path.read_text()
 
 
 @stage_type("sft")
 @dataclass
 class SFTSettings(ChatTrainSettings):
     messages_column: str = "messages"
-    """a list of {role, content}; rendered with the tokenizer's chat template"""
+    """a list of {role, content}; rendered with the tokenizer's chat template. A dataset without it but with
+    `prompt` and `completion` (strings or lists of messages) or `text` (loss on every token) is read as such"""
     prompt_column: str | None = None
     completion_column: str | None = None
     """instead of messages: build a user/assistant pair from these two columns"""

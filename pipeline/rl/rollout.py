@@ -86,16 +86,16 @@ def generate_answers(model, tokenizer, prompts: Sequence, *, max_new_tokens: int
     from pipeline.data import chat
 
     device = device if device is not None else model.device
-    stop = chat.stop_token_ids(tokenizer)
+    stop = chat.stop_token_ids(tokenizer, getattr(model.generation_config, "eos_token_id", None))
     out: list[list[str]] = []
     for i in range(0, len(prompts), batch_size):
         seqs = [chat.prompt_ids(tokenizer, p) for p in prompts[i:i + batch_size]]
         if max_prompt_tokens:
             seqs = [s[-max_prompt_tokens:] for s in seqs]
-        ids, mask = left_pad(seqs, tokenizer.pad_token_id, device)
+        ids, mask = left_pad(seqs, chat.pad_id(tokenizer), device)
         generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                    num_return_sequences=num_return_sequences, eos_token_id=stop,
-                                   pad_token_id=tokenizer.pad_token_id, **sampling)
+                                   pad_token_id=chat.pad_id(tokenizer), **sampling)
         texts = [chat.response_text(tokenizer, row[ids.shape[1]:].tolist()) for row in generated]
         out += [texts[j:j + num_return_sequences] for j in range(0, len(texts), num_return_sequences)]
     return out

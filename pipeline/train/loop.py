@@ -338,6 +338,9 @@ class Loop:
     def resume(self) -> TrainerState:
         """The latest complete checkpoint's state (or a fresh one); log lines after it are dropped."""
         state = resume_latest(self.accelerator, self.work_dir)
+        # accumulate()'s micro-step counter, which load_state restores: our steps always start on a boundary,
+        # whatever the accumulation the checkpoint was saved with (another world size)
+        self.accelerator.step = 0
         self.start_step = self.last_saved = state.step
         if self.accelerator.is_main_process:
             self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -491,7 +494,6 @@ def train(
             model.compile()
         else:
             model = torch.compile(model)
-    accelerator.step = 0  # micro-step counter used by accumulate(): our steps always start on a boundary
     model.train()
     step = lm_step(accelerator, model, optimizer, train_data, collate, loss_fn, settings, count_tokens, work_dir)
     _, summary = run_loop(accelerator, model, step, settings, work_dir, seed=seed, n_examples=len(train_data),
