@@ -25,7 +25,7 @@ import torch
 from pipeline.data import chat as chat_data
 from pipeline.data.contamination import contamination_report
 from pipeline.data.packing import collate_blocks, token_byte_lengths
-from pipeline.data.sources import load_dataset_input, model_path, require_columns
+from pipeline.data.sources import load_dataset_input, model_path, require_columns, require_same_tokenizer
 from pipeline.recipe.stages import EvaluateSettings
 from pipeline.rl.ppo_core import masked_mean
 from pipeline.rl.rollout import batched_logprobs, generate_answers, generate_responses, left_pad, reward_model_scores
@@ -178,6 +178,8 @@ def run(ctx: StageContext[EvaluateSettings]) -> None:
     prompts = [r["prompt"] for r in rows]
     results: dict = {"n_prompts": len(prompts)}
 
+    if "sft" in ctx.inputs:  # answers are compared and scored across these models
+        require_same_tokenizer(ctx.inputs, ["ppo", "reward"], "sft")
     models = {name: load_causal(ctx, name) for name in CAUSAL if name in ctx.inputs}
     if "data" in ctx.inputs and models:
         results["bits_per_byte"] = bits_per_byte(models, ctx)

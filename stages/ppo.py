@@ -25,7 +25,13 @@ from types import SimpleNamespace
 import torch
 
 from pipeline.data import chat as chat_data
-from pipeline.data.sources import load_dataset_input, model_path, require_columns, require_model_kind
+from pipeline.data.sources import (
+    load_dataset_input,
+    model_path,
+    require_columns,
+    require_model_kind,
+    require_same_tokenizer,
+)
 from pipeline.recipe.ppo_settings import PPOSettings
 from pipeline.recipe.stages import PPOStageSettings
 from pipeline.rl.ppo_trainer import PPOTrainer, prepare_frozen
@@ -100,6 +106,7 @@ def run(ctx: StageContext[PPOStageSettings]) -> None:
     data = load_dataset_input(ctx.inputs["prompts"], seed=ctx.seed)
     require_columns(data, [s.prompt_column], ctx.inputs["prompts"])
     tokenizer = AutoTokenizer.from_pretrained(model_path(ctx.inputs["policy"]))
+    require_same_tokenizer(ctx.inputs, ["reference", "value", "reward"], "policy")
     if tokenizer.chat_template is None:
         raise StageError(f"input policy: the tokenizer of {ctx.inputs['policy'].spec} has no chat template")
     prompts = [chat_data.prompt_ids(tokenizer, p)[-s.max_prompt_length:] for p in data["train"][s.prompt_column]]

@@ -2,10 +2,13 @@
 is `GPT2LMHeadModel`), and a checkpoint of the wrong kind gets one line naming the input."""
 
 import json
+import pydoc_data.topics
+import shutil
 
 import pytest
 import torch
 import yaml
+from chat_templates import family_tokenizer
 from conftest import run_cli, save_dataset
 from safetensors.torch import load_file
 
@@ -97,3 +100,21 @@ def test_a_checkpoint_of_the_wrong_kind_is_named_in_one_line(checkpoints, tmp_pa
     else:
         assert "input reward" in line and "GPT2LMHeadModel" in line and "sequence-classification" in line
     assert not (tmp_path / "run" / "ppo").exists()
+
+
+def test_models_with_different_tokenizers_are_refused(checkpoints, tmp_path):
+    """A reward model trained with another tokenizer would score other tokens than the policy writes."""
+    other = tmp_path / "reward_other_tokenizer"
+    shutil.copytree(checkpoints["reward"], other)
+    for f in other.glob("tokenizer*"):
+        f.unlink()
+    family_tokenizer("chatml", list(pydoc_data.topics.topics.values())[:20]).save_pretrained(other)
+    prompts = save_dataset(tmp_path / "prompts", [{"prompt": "Say hi."}] * 8, [{"prompt": "Say hi."}] * 2)
+    recipe = tmp_path / "ppo.yaml"
+    recipe.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "stages": {"ppo": {
+        "inputs": {"policy": str(checkpoints["llama"]), "reward": str(other), "prompts": str(prompts)},
+        "max_steps": 1, "batch_size": 2, "normalize_rewards": False}}}))
+    out = run_cli("stages.ppo", str(recipe), env={"OMP_NUM_THREADS": "1"})
+    assert out.returncode == 1
+    (line,) = [x for x in out.stderr.splitlines() if x.startswith("error:")]
+    assert "input reward: its tokenizer" in line and "differs from input policy's" in line

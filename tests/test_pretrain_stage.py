@@ -92,3 +92,42 @@ def test_compiled_training_in_a_forked_stage_follows_the_eager_curve_and_exits(d
     compiled, eager = run("compiled", compile=True), run("eager")
     assert len(compiled) == 4 and compiled == pytest.approx(eager, rel=1e-4)
     assert {p.name for p in (tmp_path / "compiled" / "pretrain" / "model").iterdir()} == MODEL_FILES
+
+
+def test_continued_pretraining_starts_from_the_checkpoint(data, tmp_path):
+    """`inputs.model`: training continues from that checkpoint (its tokenizer by default), not from scratch."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def run(run_dir, **inputs):
+        recipe = pretrain_recipe(run_dir, *data)
+        recipe["stages"]["pretrain"]["inputs"].update(inputs)
+        for key in [k for k, v in inputs.items() if v is None]:
+            del recipe["stages"]["pretrain"]["inputs"][key]
+        path = run_dir.parent / f"{run_dir.name}.yaml"
+        path.write_text(yaml.safe_dump(recipe))
+        proc = subprocess.run([sys.executable, "-m", "stages.pretrain", str(path)], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=600)
+        losses = [json.loads(line)["loss"] for line in (run_dir / "pretrain" / "train_log.jsonl").read_text().splitlines()] \
+            if proc.returncode == 0 else []
+        return proc, losses
+
+    scratch, first = run(tmp_path / "scratch")
+    assert scratch.returncode == 0, scratch.stderr[-3000:]
+    checkpoint = tmp_path / "scratch" / "pretrain" / "model"
+    again, second = run(tmp_path / "continued", model=str(checkpoint), tokenizer=None)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert second[0] < first[0] - 0.5 and second[0] < first[-1] + 0.3  # it starts where the first run ended
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "continued" / "pretrain" / "model").config.vocab_size == \
+        AutoModelForCausalLM.from_pretrained(checkpoint).config.vocab_size
+
+    import shutil
+
+    small = tmp_path / "small"
+    shutil.copytree(checkpoint, small)
+    config = json.loads((small / "config.json").read_text())
+    config["vocab_size"] = 10
+    (small / "config.json").write_text(json.dumps(config))
+    bad, _ = run(tmp_path / "mismatch", model=str(small))
+    assert bad.returncode == 1 and "different models" in bad.stderr and "input model" in bad.stderr

@@ -135,3 +135,24 @@ def require_model_kind(path: str, kind: str, spec: InputSpec) -> None:
         what = MODEL_KINDS.get(found, "not a model transformers can load as either kind")
         raise StageError(f"input {spec.name}: {spec.spec} is a {', '.join(architectures)}, {what}; this input needs "
                          f"{MODEL_KINDS[kind]}")
+
+
+def require_same_tokenizer(inputs: dict[str, InputSpec], names: list[str], reference: str) -> None:
+    """Every model input in `names` must tokenize as `reference` does (the same token -> id map, pad tokens
+    aside: a reward stage may add its own), else one model would read another's ids as other tokens."""
+    from transformers import AutoTokenizer
+
+    ref = AutoTokenizer.from_pretrained(model_path(inputs[reference]))
+    ref_vocab = ref.get_vocab()
+    for name in names:
+        if name not in inputs or inputs[name].spec == inputs[reference].spec:
+            continue
+        other = AutoTokenizer.from_pretrained(model_path(inputs[name]))
+        vocab = other.get_vocab()
+        pads = {ref.pad_token, other.pad_token}
+        differ = sorted(t for t in set(vocab) ^ set(ref_vocab) if t not in pads)
+        differ += sorted(t for t in set(vocab) & set(ref_vocab) if vocab[t] != ref_vocab[t])
+        if differ:
+            raise StageError(f"input {name}: its tokenizer ({inputs[name].spec}) differs from input {reference}'s "
+                             f"({len(differ)} tokens, e.g. {', '.join(map(repr, differ[:3]))}); the models must "
+                             f"share one tokenizer")

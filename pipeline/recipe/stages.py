@@ -170,7 +170,10 @@ class PretrainSettings(StageSettings, TrainSettings):
     """every epoch after the first reads the packed token stream at a new offset (pipeline.data.packing.
     ShiftedBlocks), so repeated passes over a small corpus see new contexts, not the same blocks"""
 
-    INPUTS: ClassVar = {"data": "dataset", "tokenizer": "tokenizer"}
+    INPUTS: ClassVar = {"data": "dataset", "tokenizer": "tokenizer", "model": "model"}
+    OPTIONAL_INPUTS: ClassVar = ("model", "tokenizer")
+    # model: continued pretraining from that causal-LM checkpoint (the recipe's model section is not
+    # used then); tokenizer: defaults to the model's own
     OUTPUTS: ClassVar = ("model",)
     ACCELERATED: ClassVar = True
     USES_MODEL: ClassVar = True
@@ -179,6 +182,9 @@ class PretrainSettings(StageSettings, TrainSettings):
 
     def validate(self) -> None:
         validate_training_stage(self)
+        if "tokenizer" not in self.inputs and "model" not in self.inputs:
+            raise ConfigError("inputs.tokenizer: required input is missing (tokenizer; or give inputs.model to "
+                              "continue pretraining a checkpoint with its own tokenizer)")
 
 
 @stage_type("instructions")
