@@ -30,7 +30,7 @@ from pipeline.recipe.stages import EvaluateSettings
 from pipeline.rl.ppo_core import masked_mean
 from pipeline.rl.rollout import batched_logprobs, generate_answers, generate_responses, left_pad, reward_model_scores
 from pipeline.runner.stage import StageContext, stage_main
-from pipeline.task.instructions import grade, judge, score_responses
+from pipeline.task.instructions import grade, is_task_prompt, judge, score_responses
 from pipeline.train.distributed import make_accelerator
 from pipeline.train.loop import make_lm_evaluator
 
@@ -152,7 +152,7 @@ def contamination(ctx: StageContext, rows: list[dict], prompt_data) -> dict:
     """Overlap of the held-out content (the `source` sentence when the prompts have one) with training text."""
 
     column = "source" if "source" in prompt_data["train"].column_names else "prompt"
-    sources = {"ppo_prompts": list(prompt_data["train"]["prompt"])}
+    sources = {"ppo_prompts": [chat_data.prompt_text(p) for p in prompt_data["train"]["prompt"]]}
     if "corpus" in ctx.inputs:
         sources["pretraining_corpus"] = list(load_dataset_input(ctx.inputs["corpus"], seed=ctx.seed)["train"]["text"])
     if "sft_data" in ctx.inputs:
@@ -161,8 +161,8 @@ def contamination(ctx: StageContext, rows: list[dict], prompt_data) -> dict:
             else [" ".join(map(str, row.values())) for row in part]
     if "preferences" in ctx.inputs:
         part = load_dataset_input(ctx.inputs["preferences"], seed=ctx.seed)["train"]
-        sources["preferences"] = list(part["prompt"])
-    report = contamination_report([r[column] for r in rows], sources, ctx.settings.ngram)
+        sources["preferences"] = [chat_data.prompt_text(p) for p in part["prompt"]]
+    report = contamination_report([chat_data.prompt_text(r[column]) for r in rows], sources, ctx.settings.ngram)
     report["checked_column"] = column
     return report
 
@@ -185,6 +185,10 @@ def run(ctx: StageContext[EvaluateSettings]) -> None:
         results["bits_per_byte"] = bits_per_byte(models, ctx)
         results["bits_per_byte_unigram_baseline"] = results["bits_per_byte"].pop("unigram_baseline")
 
+    # the task's judge grades only the task's prompts; on anyone's prompts the reward model, KL, lengths
+    # and samples are what there is
+    judged_task = all(is_task_prompt(r) for r in rows)
+    results["judge"] = "task" if judged_task else None
     answers: dict[str, list[str]] = {}
     judged: dict[str, list[float]] = {}
     for name in ("sft", "ppo"):
@@ -192,11 +196,12 @@ def run(ctx: StageContext[EvaluateSettings]) -> None:
             continue
         tokenizer = AutoTokenizer.from_pretrained(model_path(ctx.inputs[name]))
         answers[name] = answer(models[name], tokenizer, prompts, s, ctx.seed)
-        judged[name] = [judge(r, a) for r, a in zip(rows, answers[name])]
-        results[f"judge_{name}"] = score_responses(rows, answers[name])
         results[f"response_words_{name}"] = sum(len(a.split()) for a in answers[name]) / max(1, len(prompts))
-        log.info("%s: judge mean %.3f, pass rate %.3f", name, results[f"judge_{name}"]["mean_score"],
-                 results[f"judge_{name}"]["pass_rate"])
+        if judged_task:
+            judged[name] = [judge(r, a) for r, a in zip(rows, answers[name])]
+            results[f"judge_{name}"] = score_responses(rows, answers[name])
+            log.info("%s: judge mean %.3f, pass rate %.3f", name, results[f"judge_{name}"]["mean_score"],
+                     results[f"judge_{name}"]["pass_rate"])
 
     if "reward" in ctx.inputs:
         path = model_path(ctx.inputs["reward"])
@@ -206,10 +211,12 @@ def run(ctx: StageContext[EvaluateSettings]) -> None:
         results["reward_model_mean"] = {name: sum(v) / len(v) for name, v in rm.items()}
         if {"sft", "ppo"} <= set(rm):
             results["win_rate_ppo_vs_sft_reward_model"] = win_rate(rm["ppo"], rm["sft"])
-            results["reward_model_vs_judge"] = reward_judge_agreement(rows, answers["ppo"], answers["sft"],
-                                                                      rm["ppo"], rm["sft"])
+            if judged_task:
+                results["reward_model_vs_judge"] = reward_judge_agreement(rows, answers["ppo"], answers["sft"],
+                                                                          rm["ppo"], rm["sft"])
     if {"sft", "ppo"} <= set(judged):
         results["win_rate_ppo_vs_sft_judge"] = win_rate(judged["ppo"], judged["sft"])
+    if {"sft", "ppo"} <= set(models):
         tokenizer = AutoTokenizer.from_pretrained(model_path(ctx.inputs["ppo"]))
         results["kl_ppo_to_sft"] = kl_to_reference(models["ppo"], models["sft"], tokenizer, prompts, s, ctx.seed)
 
@@ -218,7 +225,8 @@ def run(ctx: StageContext[EvaluateSettings]) -> None:
     (out / "metrics.json").write_text(json.dumps(results, indent=1))
     with open(out / "samples.jsonl", "w") as f:
         for i, row in enumerate(rows[:s.n_samples]):
-            f.write(json.dumps({"prompt": row["prompt"], **{name: {"response": a[i], "judge": judged[name][i]}
+            f.write(json.dumps({"prompt": row["prompt"], **{name: {"response": a[i], **({"judge": judged[name][i]}
+                                                                                        if name in judged else {})}
                                                            for name, a in answers.items()}}) + "\n")
     ctx.metrics.update({k: v for k, v in results.items() if k != "contamination"},
                        contamination_flagged={k: v["flagged_fraction"] for k, v in results["contamination"]["sources"].items()})

@@ -147,3 +147,62 @@ def test_reward_model_reads_its_score_at_the_same_token_everywhere(tmp_path):
         ids, mask = left_pad(seqs, tok.pad_token_id)
         torch.testing.assert_close(reward_model_scores(model, ids, mask), pooled, atol=1e-5, rtol=1e-5)
     assert json.loads((trained / "reward_stats.json").read_text())["std"] >= 0
+
+
+# --- preference data in TRL's and the Hub's formats ---
+
+def _user(text):
+    return {"role": "user", "content": text}
+
+
+def _assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+def test_preference_formats_are_detected_by_their_columns():
+    from pipeline.data.preferences import detect_format
+
+    assert detect_format(["prompt", "chosen", "rejected"]) == "pairs"
+    assert detect_format(["chosen", "rejected"]) == "pairs"  # implicit prompt
+    assert detect_format(["prompt", "chosen", "rejected", "score_chosen", "score_rejected"]) == "pairs"
+    assert detect_format(["prompt", "completion", "label"]) == "unpaired"
+    assert detect_format(["prompt", "responses", "ranks"]) == "rankings"
+    assert detect_format(["prompt", "response", "rating"]) == "ratings"
+    assert detect_format(["question", "answer"]) is None
+
+
+def test_conversational_and_implicit_prompt_pairs_become_the_same_comparison():
+    from pipeline.data.preferences import to_groups
+
+    prompt = [_user("Name a colour.")]
+    explicit = {"prompt": prompt, "chosen": [_assistant("Blue.")], "rejected": [_assistant("Fish.")]}
+    implicit = {"chosen": prompt + [_assistant("Blue.")], "rejected": prompt + [_assistant("Fish.")]}  # HH-RLHF style
+    text = {"chosen": "Name a colour. Blue.", "rejected": "Name a colour. Fish."}
+    (a,), _ = to_groups([explicit], "pairs")
+    (b,), _ = to_groups([implicit], "pairs")
+    (c,), _ = to_groups([text], "pairs")
+    assert a == b == {"prompt": prompt, "responses": ["Blue.", "Fish."], "pairs": [(0, 1, 0.0)]}
+    assert c == {"prompt": "Name a colour.", "responses": ["Blue.", "Fish."], "pairs": [(0, 1, 0.0)]}
+    (scored,), _ = to_groups([{**explicit, "score_chosen": 8.5, "score_rejected": 3.0}], "pairs")  # UltraFeedback
+    assert scored["pairs"] == [(0, 1, 5.5)]
+
+
+def test_unpaired_labels_pair_every_desirable_with_every_undesirable_completion():
+    from pipeline.data.preferences import to_groups
+
+    rows = [{"prompt": "Q", "completion": c, "label": lab} for c, lab in (("good1", True), ("bad", False), ("good2", True))]
+    rows.append({"prompt": "only good", "completion": "x", "label": True})
+    groups, stats = to_groups(rows, "unpaired")
+    assert groups == [{"prompt": "Q", "responses": ["good1", "bad", "good2"], "pairs": [(0, 1, 1.0), (2, 1, 1.0)]}]
+    assert stats["dropped_groups"] == 1 and stats["dropped_ties"] == 1  # good1 ~ good2
+
+
+def test_reward_stage_on_conversational_implicit_prompt_pairs(tmp_path):
+    base, _ = _checkpoint("chatml", tmp_path / "qwen2", with_template=True)
+    rows = [{"chosen": [_user(f"Say {w}"), _assistant(w)], "rejected": [_user(f"Say {w}"), _assistant(f"no {w} no")]}
+            for w in ("yes", "ok", "fine", "sure")] * 4
+    data = save_dataset(tmp_path / "hh", rows, rows[:4])
+    out = run_cli("stages.reward", str(_recipe(tmp_path, "reward", base, data)), env=ONE_THREAD)
+    assert out.returncode == 0, out.stderr[-3000:]
+    manifest = json.loads((tmp_path / "run" / "reward" / "manifest.json").read_text())
+    assert manifest["metrics"]["format"] == "pairs" and manifest["metrics"]["data"]["train"]["pairs"] == 16

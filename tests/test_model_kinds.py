@@ -118,3 +118,27 @@ def test_models_with_different_tokenizers_are_refused(checkpoints, tmp_path):
     assert out.returncode == 1
     (line,) = [x for x in out.stderr.splitlines() if x.startswith("error:")]
     assert "input reward: its tokenizer" in line and "differs from input policy's" in line
+
+
+def test_evaluate_on_anyones_prompts(checkpoints, tmp_path):
+    """Prompts that are not the task's (TRL's conversational prompt-only rows): no judge, but
+    reward-model scores and win rate, KL to the reference, lengths and samples."""
+    rows = [{"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Name a {thing}."}]}
+            for thing in ("colour", "bird", "tree", "river")] * 2
+    prompts = save_dataset(tmp_path / "prompts", rows, rows)
+    shutil.copytree(checkpoints["llama"], tmp_path / "ppo_model")
+    recipe = tmp_path / "evaluate.yaml"
+    recipe.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "model": {"attention": "sdpa"}, "stages": {
+        "evaluate": {"inputs": {"prompts": str(prompts), "sft": str(checkpoints["llama"]),
+                                "ppo": str(tmp_path / "ppo_model"), "reward": str(checkpoints["reward"])},
+                     "n_prompts": 8, "max_new_tokens": 4, "batch_size": 4, "n_samples": 2}}}))
+    out = run_cli("stages.evaluate", str(recipe), env={"OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = tmp_path / "run" / "evaluate" / "results"
+    metrics = json.loads((results / "metrics.json").read_text())
+    assert metrics["judge"] is None and not any(k.startswith("judge_") for k in metrics)
+    assert set(metrics["reward_model_mean"]) == {"sft", "ppo"}
+    assert metrics["win_rate_ppo_vs_sft_reward_model"] == 0.5  # the same weights: every comparison a tie
+    assert abs(metrics["kl_ppo_to_sft"]) < 1e-4 and metrics["response_words_sft"] >= 0
+    samples = [json.loads(line) for line in (results / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 2 and "judge" not in samples[0]["sft"] and isinstance(samples[1]["prompt"], list)

@@ -118,10 +118,21 @@ def right_pad_collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return batch
 
 
-def prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """A user prompt rendered for generation (ends with the assistant header)."""
-    return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
-                                              add_generation_prompt=True, return_dict=True)["input_ids"])
+def prompt_messages(prompt: str | list[dict]) -> list[dict]:
+    """A prompt as messages: a string is one user turn; a list of messages (TRL's conversational
+    prompt-only format) is taken as it is."""
+    return list(prompt) if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+
+
+def prompt_text(prompt: str | list[dict]) -> str:
+    """A prompt's words (the messages' contents joined), for checks that read text."""
+    return " ".join(m["content"] for m in prompt_messages(prompt))
+
+
+def prompt_ids(tokenizer, prompt: str | list[dict]) -> list[int]:
+    """A prompt rendered for generation (ends with the assistant header)."""
+    return list(tokenizer.apply_chat_template(prompt_messages(prompt), tokenize=True, add_generation_prompt=True,
+                                              return_dict=True)["input_ids"])
 
 
 _END_OF_TURN: dict[tuple, list[int]] = {}
@@ -181,7 +192,7 @@ def response_text(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode(ids[:cut], skip_special_tokens=True)
 
 
-def encode_scored(tokenizer, prompt: str, response: str, max_length: int) -> list[int]:
+def encode_scored(tokenizer, prompt: str | list[dict], response: str, max_length: int) -> list[int]:
     """prompt + response as the reward model reads it, exactly the token layout PPO rollouts have:
     the generation prompt, the response tokens, the end-of-turn token (the score is read there)."""
     ids = prompt_ids(tokenizer, prompt) + tokenizer.encode(response, add_special_tokens=False)

@@ -14,7 +14,7 @@ from typing import ClassVar, Literal, NamedTuple, TypeVar
 
 import yaml
 
-from pipeline.data.preferences import PREFERENCE_FORMATS
+from pipeline.data.preferences import FORMAT_COLUMNS, PREFERENCE_FORMATS
 from pipeline.recipe.config import ConfigError, require_at_least
 from pipeline.recipe.ppo_settings import PPOSettings
 from pipeline.recipe.settings import PushSettings, TrainSettings, muon_under_deepspeed
@@ -268,7 +268,7 @@ class SFTSettings(ChatTrainSettings):
 @stage_type("reward")
 @dataclass
 class RewardSettings(ChatTrainSettings):
-    format: Literal[("auto", *PREFERENCE_FORMATS)] = "auto"
+    format: Literal[("auto", *FORMAT_COLUMNS)] = "auto"
     """auto: detected from the columns (pipeline/data/preferences.py lists them)"""
     use_margin: bool = False
     """subtract the pair's margin (rating/rank difference, or a `margin` column) inside the loss (Llama 2)"""

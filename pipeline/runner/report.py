@@ -75,7 +75,8 @@ def _samples_section(run_dir: Path) -> list[str]:
         for name in ("sft", "ppo"):
             if name in row:
                 text = row[name]["response"].replace("\n", " ") or "(empty)"
-                lines.append(f"- {name.upper()} [{row[name]['judge']:.2f}]: `{text}`")
+                score = f" [{row[name]['judge']:.2f}]" if "judge" in row[name] else ""  # task prompts only
+                lines.append(f"- {name.upper()}{score}: `{text}`")
         lines.append("")
     return lines
 

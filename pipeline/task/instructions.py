@@ -326,6 +326,15 @@ def _task_of(task) -> tuple[list[dict], str]:
     return list(constraints), source
 
 
+def is_task_prompt(row) -> bool:
+    """Whether a prompt (a row, a string or an Example) is one of this task's, so that the judge applies."""
+    try:
+        constraints, source = _task_of(row)
+    except Exception:  # noqa: BLE001 - anyone's prompt: a conversation, free text, other columns
+        return False
+    return bool(constraints) and bool(source)
+
+
 def grade(task, response: str) -> Grade:
     """Grade one response. `task`: an Example, a prompt dataset row ("constraints" and "source"), a
     prompt string or a row with only "prompt" (parsed by `parse_prompt`), or (constraints, source).
