@@ -206,3 +206,44 @@ def test_reward_stage_on_conversational_implicit_prompt_pairs(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     manifest = json.loads((tmp_path / "run" / "reward" / "manifest.json").read_text())
     assert manifest["metrics"]["format"] == "pairs" and manifest["metrics"]["data"]["train"]["pairs"] == 16
+
+
+# --- dataset files as people and the Hub lay them out ---
+
+def _spec(path):
+    from pipeline.recipe.schema import InputSpec
+
+    return InputSpec("data", str(path), "path", path=path)
+
+
+def test_split_files_compression_csv_and_hub_snapshot_folders(tmp_path):
+    import gzip
+
+    import pandas as pd
+
+    from pipeline.data.sources import load_dataset_input
+
+    rows = lambda tag, n: [{"text": f"{tag} {i}"} for i in range(n)]  # noqa: E731
+    folder = tmp_path / "jsonl"
+    folder.mkdir()
+    for split, n in (("train", 6), ("validation", 2)):
+        with gzip.open(folder / f"{split}.jsonl.gz", "wt") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows(split, n))
+    data = load_dataset_input(_spec(folder))
+    assert (len(data["train"]), len(data["validation"])) == (6, 2) and data["validation"][0]["text"] == "validation 0"
+
+    snapshot = tmp_path / "snapshot" / "data"  # a Hub dataset repo as snapshot_download leaves it
+    snapshot.mkdir(parents=True)
+    pd.DataFrame(rows("train", 5)).to_parquet(snapshot / "train-00000-of-00001.parquet")
+    pd.DataFrame(rows("test", 3)).to_parquet(snapshot / "test-00000-of-00001.parquet")
+    data = load_dataset_input(_spec(tmp_path / "snapshot"))
+    assert set(data) == {"train", "test", "validation"} and len(data["validation"]) == 3  # test is the held-out split
+
+    pd.DataFrame(rows("csv", 20)).to_csv(tmp_path / "table.csv", index=False)
+    data = load_dataset_input(_spec(tmp_path / "table.csv"), validation_fraction=0.25)
+    assert (len(data["train"]), len(data["validation"])) == (15, 5)  # no split named: one carved from train
+
+    (folder / "notes.csv").write_text("text\nx\n")
+    with pytest.raises(Exception, match="several kinds") as e:
+        load_dataset_input(_spec(folder))
+    assert "notes.csv" in str(e.value)

@@ -2,12 +2,38 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from pipeline.errors import StageError
 from pipeline.recipe.schema import InputSpec
 
-TEXT_SUFFIXES = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+# file endings -> the `datasets` builder that reads them (compressed files are read as they are)
+FILE_KINDS = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet",
+              ".arrow": "arrow"}
+COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
+SPLIT_NAMES = {"train": ("train", "training"), "validation": ("validation", "valid", "val", "dev", "eval"),
+               "test": ("test", "testing")}
+_SPLIT_WORD = re.compile(r"^([a-z]+)(?=$|[-_.\d])")
+
+
+def file_kind(path: Path) -> str | None:
+    """The builder for a data file (`train.jsonl.gz` -> json), None for anything else."""
+    suffixes = [x.lower() for x in path.suffixes]
+    if suffixes and suffixes[-1] in COMPRESSIONS:
+        suffixes = suffixes[:-1]
+    return FILE_KINDS.get(suffixes[-1]) if suffixes else None
+
+
+def split_of(path: Path, root: Path) -> str | None:
+    """The split a file belongs to by its name or a folder's, as Hub snapshots lay them out
+    (`train.jsonl`, `data/validation-00000-of-00001.parquet`, `test/part0.csv`); None: unnamed."""
+    for part in reversed(path.relative_to(root).parts if path != root else (path.name,)):
+        m = _SPLIT_WORD.match(part.lower())
+        for split, names in SPLIT_NAMES.items():
+            if m and m.group(1) in names:
+                return split
+    return None
 
 
 def _hub_name(spec: InputSpec) -> tuple[str, str | None]:
@@ -43,24 +69,46 @@ def load_dataset_input(spec: InputSpec, validation_fraction: float = 0.05, seed:
         if (path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists():
             data = datasets.load_from_disk(str(path))
         else:
-            files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES)
-            if not files:
-                raise StageError(f"input {spec.name}: no {', '.join(TEXT_SUFFIXES)} files in {path}")
-            kinds = {TEXT_SUFFIXES.get(p.suffix) for p in files}
-            if len(kinds) != 1 or None in kinds:
-                raise StageError(f"input {spec.name}: {path} mixes file types {sorted(map(str, kinds))}; use one")
-            kind = kinds.pop()
-            # plain text: one document per blank-line-separated paragraph
-            kwargs = {"sample_by": "paragraph"} if kind == "text" else {}
-            data = datasets.load_dataset(kind, data_files=[str(p) for p in files], **kwargs)
+            data = _load_files(spec, path)
     if isinstance(data, datasets.Dataset):
         data = datasets.DatasetDict({"train": data})
+    if "train" not in data:
+        raise StageError(f"input {spec.name}: {spec.spec} has splits {', '.join(data)}; expected train (and "
+                         f"validation or test)")
     if "validation" not in data:
-        if "train" not in data:
-            raise StageError(f"input {spec.name}: {spec.spec} has splits {list(data)}; expected train (and validation)")
-        split = data["train"].train_test_split(test_size=validation_fraction, seed=seed)
-        data = datasets.DatasetDict({"train": split["train"], "validation": split["test"]})
+        if "test" in data:  # the held-out split the data came with
+            data = datasets.DatasetDict({**data, "validation": data["test"]})
+        else:
+            split = data["train"].train_test_split(test_size=validation_fraction, seed=seed)
+            data = datasets.DatasetDict({**data, "train": split["train"], "validation": split["test"]})
     return data
+
+
+def _load_files(spec: InputSpec, path: Path):
+    """A data file or a folder of them: one kind of file, split by file or folder names."""
+    import datasets
+
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and file_kind(p)
+                                                 and not any(x.startswith(".") for x in p.relative_to(path).parts))
+    if not files:
+        raise StageError(f"input {spec.name}: no data files ({', '.join(FILE_KINDS)}, optionally compressed) in {path}")
+    kinds = {file_kind(p) for p in files}
+    if len(kinds) != 1 or None in kinds:
+        found = ", ".join(sorted(f"{p.name}" for p in files)[:6])
+        raise StageError(f"input {spec.name}: {path} holds files of several kinds ({', '.join(sorted(map(str, kinds)))}: "
+                         f"{found}); keep one kind per folder")
+    kind = kinds.pop()
+    splits: dict[str, list[str]] = {}
+    root = path if path.is_dir() else path.parent
+    for p in files:
+        splits.setdefault(split_of(p, root) or "train", []).append(str(p))
+    # plain text: one document per blank-line-separated paragraph
+    kwargs = {"sample_by": "paragraph"} if kind == "text" else {}
+    try:
+        return datasets.load_dataset(kind, data_files=splits, **kwargs)
+    except Exception as e:  # a malformed file: name it
+        raise StageError(f"input {spec.name}: could not read {path} as {kind} ({type(e).__name__}: {e})") from None
+
 
 
 def require_columns(dataset, columns: list[str], spec: InputSpec) -> None:
