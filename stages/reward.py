@@ -29,7 +29,7 @@ from pipeline.recipe.stages import RewardSettings
 from pipeline.runner.stage import StageContext, StageError, stage_main
 from pipeline.train.distributed import describe, finish, make_accelerator
 from pipeline.train.loop import export_model, sharded_sums, train
-from pipeline.train.models import attn_implementation
+from pipeline.train.models import add_lora, attn_implementation, parameter_counts
 
 log = logging.getLogger("pipeline")
 
@@ -151,6 +151,9 @@ def run(ctx: StageContext[RewardSettings]) -> None:
     if grew:
         model.resize_token_embeddings(len(tokenizer))
         model.config.pad_token_id = tokenizer.pad_token_id
+    if s.lora is not None:
+        model = add_lora(model, s.lora, "SEQ_CLS")
+    sizes = parameter_counts(model)
     pad = tokenizer.pad_token_id
     evaluate = make_reward_evaluator(accelerator, val_groups, pad, s.micro_batch_size, s.eval_batches)
     model, summary = train(
@@ -160,12 +163,12 @@ def run(ctx: StageContext[RewardSettings]) -> None:
         count_tokens=lambda batch: int((batch["input_ids"] != pad).sum()),
     )
     out_dir = ctx.output_dir("model") if accelerator.is_main_process else None
-    export_model(accelerator, model, out_dir, tokenizer)
+    export_model(accelerator, model, out_dir, tokenizer, lora=s.lora)
     if accelerator.is_main_process:
         stats = {"mean": summary["final_reward_mean"], "std": summary["final_reward_std"],
                  "measured_on": "all responses of the held-out preference split"}
         (out_dir / "reward_stats.json").write_text(json.dumps(stats, indent=1))
-        ctx.metrics.update(summary, format=fmt, distributed=describe(accelerator),
+        ctx.metrics.update(summary, **sizes, format=fmt, distributed=describe(accelerator),
                            data={k: v[1] for k, v in split_groups.items()})
         log.info("held-out pairwise accuracy %.3f; scores mean %.3f std %.3f", summary["final_val_accuracy"],
                  stats["mean"], stats["std"])

@@ -26,7 +26,7 @@ from pipeline.rl.rollout import generate_answers
 from pipeline.runner.stage import StageContext, StageError, stage_main
 from pipeline.train.distributed import describe, finish, make_accelerator
 from pipeline.train.loop import export_model, sharded_sums, train
-from pipeline.train.models import attn_implementation, causal_lm_loss
+from pipeline.train.models import add_lora, attn_implementation, causal_lm_loss, parameter_counts
 
 log = logging.getLogger("pipeline")
 
@@ -117,12 +117,15 @@ def run(ctx: StageContext[SFTSettings]) -> None:
     if grew:  # the tokenizer had no pad token and got one (chat_data.ensure_pad_token)
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
+    if s.lora is not None:
+        model = add_lora(model, s.lora, "CAUSAL_LM")
+    sizes = parameter_counts(model)
     collate = lambda rows: chat_data.right_pad_collate(rows, tokenizer.pad_token_id)  # noqa: E731
     evaluate = make_masked_evaluator(accelerator, val_rows, collate, s.micro_batch_size, s.eval_batches)
     model, summary = train(accelerator, model, train_rows, collate, causal_lm_loss, s, ctx.work_dir,
                            seed=ctx.seed, run_start=ctx.run_start, evaluate=evaluate)
     out_dir = ctx.output_dir("model") if accelerator.is_main_process else None
-    export_model(accelerator, model, out_dir, tokenizer, chat_data.stop_token_ids(tokenizer))  # stop at the turn's end
+    export_model(accelerator, model, out_dir, tokenizer, chat_data.stop_token_ids(tokenizer), lora=s.lora)
 
     rows = data["validation"].select(range(min(s.sample_prompts if fmt[0] != "text" else 0, len(data["validation"]))))
     prompts = [first_user_text(chat_data.row_messages(row, s.messages_column, *fmt[1:])) for row in rows]
@@ -133,7 +136,7 @@ def run(ctx: StageContext[SFTSettings]) -> None:
     if accelerator.is_main_process:
         for prompt, response in zip(prompts, samples):
             log.info("sample\n  prompt: %s\n  response: %s", prompt, response)
-        ctx.metrics.update(summary, distributed=describe(accelerator), train_conversations=len(train_rows),
+        ctx.metrics.update(summary, **sizes, distributed=describe(accelerator), train_conversations=len(train_rows),
                            samples=[{"prompt": p, "response": r} for p, r in zip(prompts, samples)])
     finish(accelerator)
 

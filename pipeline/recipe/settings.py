@@ -170,3 +170,28 @@ class PushSettings:
             raise ConfigError(f"repo: {self.repo!r} is not a hub repo name like ORG/NAME")
         if self.outputs is not None and not self.outputs:
             raise ConfigError("outputs: list at least one output, or leave it out for the primary one")
+
+
+@dataclass
+class LoraSettings:
+    """`lora:` on the SFT or reward stage: train low-rank updates of the linear layers (PEFT's LoRA)
+    instead of every weight; the embeddings and norms stay frozen (a reward model's score head trains)."""
+
+    r: int = 16
+    """rank of the update matrices"""
+    alpha: float = 32.0
+    """the update is scaled by alpha / r"""
+    dropout: float = 0.05
+    """dropout on the LoRA branch's input"""
+    target_modules: list[str] | None = None
+    """names of the modules to adapt; none: every linear layer of the blocks (PEFT's "all-linear")"""
+    save: Literal["merged", "adapter"] = "merged"
+    """merged: a plain checkpoint with the update folded in (loads with from_pretrained, no PEFT needed);
+    adapter: PEFT's adapter files, whose config names the base checkpoint"""
+
+    def validate(self) -> None:
+        require_at_least(self, ("r",))
+        if self.alpha <= 0:
+            raise ConfigError(f"alpha: must be positive, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout: must be in [0, 1), got {self.dropout}")

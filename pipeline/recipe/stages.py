@@ -17,7 +17,7 @@ import yaml
 from pipeline.data.preferences import FORMAT_COLUMNS, PREFERENCE_FORMATS
 from pipeline.recipe.config import ConfigError, require_at_least
 from pipeline.recipe.ppo_settings import PPOSettings
-from pipeline.recipe.settings import PushSettings, TrainSettings, muon_under_deepspeed
+from pipeline.recipe.settings import LoraSettings, PushSettings, TrainSettings, muon_under_deepspeed
 from pipeline.task.instructions import TASK_VERSION
 
 
@@ -219,6 +219,8 @@ class ChatTrainSettings(StageSettings, TrainSettings):
     chat_template: str | None = None
     """the chat template to use instead of the checkpoint's (Jinja text, or the path of a file holding it, read
     when the recipe is parsed); saved with the trained checkpoint's tokenizer. none: the checkpoint's own"""
+    lora: LoraSettings | None = None
+    """train LoRA updates (PEFT) instead of every weight, e.g. `lora: {r: 16}`; none: full fine-tuning"""
 
     INPUTS: ClassVar = {"model": "model", "data": "dataset"}
     OUTPUTS: ClassVar = ("model",)

@@ -52,8 +52,9 @@ from tqdm.auto import tqdm
 from pipeline.data.chat import IGNORE_INDEX
 from pipeline.data.packing import read_rows
 from pipeline.errors import StageError
-from pipeline.recipe.settings import TrainSettings, muon_under_deepspeed
+from pipeline.recipe.settings import LoraSettings, TrainSettings, muon_under_deepspeed
 from pipeline.train import distributed
+from pipeline.train.models import merge_lora_state_dict, transposed_modules
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{6,})$")
 STATE_FILE = "trainer_state.json"
@@ -627,9 +628,11 @@ def write_generation_config(out_dir: Path, bos_token_id, pad_token_id, eos_token
     GenerationConfig(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id).save_pretrained(out_dir)
 
 
-def export_model(accelerator, model, out_dir: Path, tokenizer=None, stop_token_ids: list[int] | None = None) -> None:
+def export_model(accelerator, model, out_dir: Path, tokenizer=None, stop_token_ids: list[int] | None = None,
+                 lora: LoraSettings | None = None) -> None:
     """A self-contained Hugging Face checkpoint: config, safetensors weights, generation config (stopping
-    at `stop_token_ids` when given, else at the model's eos), tokenizer.
+    at `stop_token_ids` when given, else at the model's eos), tokenizer. A LoRA model is saved merged (a
+    plain checkpoint) or as PEFT adapter files, as `lora.save` says.
 
     Collective: call on every rank (ZeRO-3 gathers the weights; needs zero3_save_16bit_model: true).
     """
@@ -639,7 +642,15 @@ def export_model(accelerator, model, out_dir: Path, tokenizer=None, stop_token_i
         out_dir.mkdir(parents=True, exist_ok=True)
         unwrapped = accelerator.unwrap_model(model)
         unwrapped = getattr(unwrapped, "_orig_mod", unwrapped)  # torch.compile
-        unwrapped.save_pretrained(out_dir, state_dict=state_dict)
+        if lora is not None and lora.save == "adapter":
+            unwrapped.save_pretrained(out_dir, state_dict=state_dict)  # PEFT keeps the adapter's tensors
+        elif lora is not None:
+            base = unwrapped.get_base_model()
+            merged = merge_lora_state_dict(state_dict, lora.alpha / lora.r, transposed_modules(unwrapped))
+            base.save_pretrained(out_dir, state_dict=merged)
+            unwrapped = base
+        else:
+            unwrapped.save_pretrained(out_dir, state_dict=state_dict)
         cfg = unwrapped.config
         write_generation_config(out_dir, cfg.bos_token_id, cfg.pad_token_id, stop_token_ids or cfg.eos_token_id)
         if tokenizer is not None:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.data.chat import IGNORE_INDEX
-from pipeline.recipe.settings import ModelSettings
+from pipeline.recipe.settings import LoraSettings, ModelSettings
 
 # --- config and construction ---
 
@@ -215,3 +215,55 @@ def peak_flops(device) -> float | None:
 
 def bits_per_byte(ce_nats_sum: float, n_bytes: int) -> float:
     return ce_nats_sum / math.log(2) / max(1, n_bytes)
+
+
+# --- LoRA (PEFT) ---
+
+def parameter_counts(model) -> dict[str, float]:
+    """Parameters, those that train, and their share (ZeRO-3 partitions report their full size)."""
+    total = trainable = 0
+    for p in model.parameters():
+        n = getattr(p, "ds_numel", p.numel())
+        total += n
+        trainable += n if p.requires_grad else 0
+    return {"parameters": total, "trainable_parameters": trainable, "trainable_share": round(trainable / max(1, total), 6)}
+
+
+def add_lora(model, lora: LoraSettings, task_type: str):
+    """`model` wrapped by PEFT with LoRA on the settings' target modules (every block linear by default);
+    task_type CAUSAL_LM or SEQ_CLS (the score head then trains in full)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type=task_type,
+                        target_modules=lora.target_modules or "all-linear",
+                        modules_to_save=["score"] if task_type == "SEQ_CLS" else None)
+    return get_peft_model(model, config)
+
+
+def transposed_modules(peft_model) -> set[str]:
+    """Names of the adapted modules whose weight is stored input-major (GPT-2's Conv1D)."""
+    return {name.removesuffix(".base_layer") for name, m in peft_model.get_base_model().named_modules()
+            if type(m).__name__ == "Conv1D"}
+
+
+def merge_lora_state_dict(state: dict, scaling: float, transposed: set[str] = frozenset()) -> dict:
+    """A PEFT LoRA model's full state dict (as accelerate gathers it, ZeRO-3 included) -> the base model's
+    state dict with every update folded in: W + scaling * B @ A (transposed for `transposed` modules).
+    Written here because PEFT merges only a model that holds its own weights (`merge_and_unload`), which a
+    ZeRO-3 rank does not; tested against it."""
+    prefix = "base_model.model."
+    out = {}
+    for key, value in state.items():
+        name = key[len(prefix):] if key.startswith(prefix) else key
+        if ".lora_A." in name or ".lora_B." in name or ".original_module." in name:
+            continue
+        if ".base_layer." in name:
+            module = name.split(".base_layer.")[0]
+            lora_a, lora_b = (f"{prefix}{module}.lora_{x}.default.weight" for x in "AB")
+            if name.endswith(".base_layer.weight") and lora_a in state:
+                delta = (state[lora_b].float() @ state[lora_a].float()) * scaling
+                value = value + (delta.T if module in transposed else delta).to(value.dtype)
+            name = name.replace(".base_layer.", ".")
+        name = name.replace(".modules_to_save.default.", ".")
+        out[name] = value
+    return out
