@@ -168,3 +168,15 @@ def test_muon_with_a_deepspeed_launch_config_is_rejected_naming_the_key():
     assert msg.startswith("stages.pretrain.optimizer: muon needs whole weight matrices") and "cpu_zero2.yaml" in msg
     assert error_of({"stages": stages}, ["stages.pretrain.optimizer=lion"]).startswith(
         "stages.pretrain.optimizer: 'lion' is not one of adamw, muon")
+
+
+def test_hub_inputs_take_a_config_and_a_revision():
+    from pipeline.recipe.schema import parse_hub_spec
+
+    assert parse_hub_spec("hub:trl-lib/ultrafeedback_binarized") == ("trl-lib/ultrafeedback_binarized", None, None)
+    assert parse_hub_spec("hub:allenai/c4:en@refs/convert/parquet") == ("allenai/c4", "en", "refs/convert/parquet")
+    assert parse_hub_spec("hub:gpt2@main") == ("gpt2", None, "main")
+    stages = {"tokenizer": {"inputs": {"corpus": "hub:allenai/c4:en@main"}}}
+    assert parse({"stages": stages}).inputs["tokenizer"]["corpus"].kind == "hub"
+    stages["tokenizer"]["inputs"]["corpus"] = "hub:allenai/c4:en:extra"
+    assert "is not a hub name like hub:ORG/NAME, hub:ORG/NAME:CONFIG" in error_of({"stages": stages})

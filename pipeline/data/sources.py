@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from pipeline.errors import StageError
-from pipeline.recipe.schema import InputSpec
+from pipeline.recipe.schema import InputSpec, parse_hub_spec
 
 # file endings -> the `datasets` builder that reads them (compressed files are read as they are)
 FILE_KINDS = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet",
@@ -36,15 +36,15 @@ def split_of(path: Path, root: Path) -> str | None:
     return None
 
 
-def _hub_name(spec: InputSpec) -> tuple[str, str | None]:
-    name = spec.spec.split(":", 1)[1]
-    repo, _, revision = name.partition("@")
-    return repo, revision or None
-
-
-def _offline_error(spec: InputSpec, error: Exception) -> StageError:
+def _hub_error(spec: InputSpec, error: Exception) -> StageError:
+    """What went wrong with a hub input, in words the user can act on."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if "config name is missing" in text.lower() or "builderconfig" in text.lower():
+        repo, _, revision = parse_hub_spec(spec.spec)
+        return StageError(f"input {spec.name}: {repo} has several configs; name one as hub:{repo}:CONFIG"
+                          f"{'@' + revision if revision else ''} ({text})")
     return StageError(f"input {spec.name}: could not fetch {spec.spec} from the hub ({type(error).__name__}: "
-                      f"{error}). Without a network, point the recipe at a local folder instead")
+                      f"{text}). Without a network, point the recipe at a local folder instead")
 
 
 def load_dataset_input(spec: InputSpec, validation_fraction: float = 0.05, seed: int = 0):
@@ -59,11 +59,11 @@ def load_dataset_input(spec: InputSpec, validation_fraction: float = 0.05, seed:
 
         return build_corpus(spec.spec.split(":", 1)[1])
     if spec.kind == "hub":
-        repo, revision = _hub_name(spec)
+        repo, config, revision = parse_hub_spec(spec.spec)
         try:
-            data = datasets.load_dataset(repo, revision=revision)
+            data = datasets.load_dataset(repo, config, revision=revision)
         except Exception as e:  # any network/hub failure: say what to do instead
-            raise _offline_error(spec, e) from None
+            raise _hub_error(spec, e) from None
     else:
         path = spec.path
         if (path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists():
@@ -124,11 +124,11 @@ def load_tokenizer_input(spec: InputSpec):
     from transformers import AutoTokenizer
 
     if spec.kind == "hub":
-        repo, revision = _hub_name(spec)
+        repo, _, revision = parse_hub_spec(spec.spec)
         try:
             return AutoTokenizer.from_pretrained(repo, revision=revision)
         except Exception as e:
-            raise _offline_error(spec, e) from None
+            raise _hub_error(spec, e) from None
     if spec.kind != "stage" and spec.kind != "path":
         raise StageError(f"input {spec.name}: {spec.spec} is not a tokenizer")
     if not (Path(spec.path) / "tokenizer_config.json").exists():
@@ -141,11 +141,11 @@ def model_path(spec: InputSpec) -> str:
     if spec.kind == "hub":
         from huggingface_hub import snapshot_download
 
-        repo, revision = _hub_name(spec)
+        repo, _, revision = parse_hub_spec(spec.spec)
         try:
             return snapshot_download(repo, revision=revision)
         except Exception as e:
-            raise _offline_error(spec, e) from None
+            raise _hub_error(spec, e) from None
     if spec.path is None or not (Path(spec.path) / "config.json").exists():
         raise StageError(f"input {spec.name}: {spec.path} holds no checkpoint (config.json missing)")
     return str(spec.path)

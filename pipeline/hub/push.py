@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from pipeline.recipe.schema import parse_hub_spec
 from pipeline.recipe.settings import REPO_ID, PushSettings
 from pipeline.recipe.stages import STAGE_TYPES
 from pipeline.runner.artifacts import MANIFEST, read_manifest, write_json_atomic
@@ -208,7 +209,7 @@ def _is_dataset_input(stage: str, name: str, inp: dict) -> bool:
 
 
 def _hub_name(spec: str) -> str:
-    return spec.split(":", 1)[1].split("@", 1)[0]
+    return parse_hub_spec(spec)[0]
 
 
 def card_info(artifact: Artifact, repo_id: str, revision: str | None, license: str, endpoint: str):

@@ -13,7 +13,7 @@ A stage key names the stage type (its module in `stages/`). An input is written 
   * a path containing a slash (`./data/train.jsonl`, `/ckpt/sft`) — a local text/jsonl/parquet file or
     folder, a saved `datasets` folder, a tokenizer or checkpoint folder;
   * `builtin:stdlib` — the embedded corpus (pipeline/data/corpus.py);
-  * `hub:ORG/NAME` (optionally `@REVISION`) — a hub model or dataset (needs a network).
+  * `hub:ORG/NAME[:CONFIG][@REVISION]` — a hub model or dataset, a dataset's config by name (needs a network).
 """
 
 from __future__ import annotations
@@ -32,6 +32,15 @@ from pipeline.recipe.settings import ModelSettings
 from pipeline.recipe.stages import STAGE_TYPES, StageSettings
 
 REFERENCE = re.compile(r"^([A-Za-z_][\w-]*)\.([A-Za-z_]\w*)$")
+HUB_SPEC = re.compile(r"^hub:(?P<repo>[\w.-]+(?:/[\w.-]+)?)(?::(?P<config>[\w.-]+))?(?:@(?P<revision>[\w./-]+))?$")
+
+
+def parse_hub_spec(spec: str) -> tuple[str, str | None, str | None]:
+    """`hub:ORG/NAME[:CONFIG][@REVISION]` -> (repo, config, revision)."""
+    m = HUB_SPEC.match(spec)
+    if m is None:
+        raise ValueError(f"{spec!r} is not a hub name")
+    return m.group("repo"), m.group("config"), m.group("revision")
 
 
 @dataclass
@@ -98,8 +107,9 @@ def _resolve_input(recipe: Recipe, stage: str, name: str, spec: str, base: Path)
             raise ConfigError(f"{path}: unknown builtin corpus {corpus!r}; available: {', '.join(BUILTIN_CORPORA)}")
         return InputSpec(name, spec, "builtin")
     if spec.startswith("hub:"):
-        if not re.match(r"^hub:[\w.-]+(/[\w.-]+)?(@[\w./-]+)?$", spec):
-            raise ConfigError(f"{path}: {spec!r} is not a hub name like hub:ORG/NAME or hub:ORG/NAME@REVISION")
+        if not HUB_SPEC.match(spec):
+            raise ConfigError(f"{path}: {spec!r} is not a hub name like hub:ORG/NAME, hub:ORG/NAME:CONFIG or "
+                              f"hub:ORG/NAME@REVISION")
         return InputSpec(name, spec, "hub")
     ref = REFERENCE.match(spec)
     if ref and "/" not in spec:
