@@ -171,7 +171,7 @@ def run(ctx: StageContext[EvaluateSettings]) -> None:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     s = ctx.settings
-    prompt_data = load_dataset_input(ctx.inputs["prompts"], seed=ctx.seed)
+    prompt_data = load_dataset_input(ctx.inputs["prompts"], seed=ctx.seed, columns=s.columns)
     require_columns(prompt_data, ["prompt"], ctx.inputs["prompts"])
     held_out = prompt_data["validation"].select(range(min(s.n_prompts, len(prompt_data["validation"]))))
     rows = [dict(r) for r in held_out]

@@ -103,7 +103,7 @@ def run(ctx: StageContext[PPOStageSettings]) -> None:
     from transformers import AutoTokenizer
 
     s = ctx.settings
-    data = load_dataset_input(ctx.inputs["prompts"], seed=ctx.seed)
+    data = load_dataset_input(ctx.inputs["prompts"], seed=ctx.seed, columns=s.columns)
     require_columns(data, [s.prompt_column], ctx.inputs["prompts"])
     tokenizer = AutoTokenizer.from_pretrained(model_path(ctx.inputs["policy"]))
     require_same_tokenizer(ctx.inputs, ["reference", "value", "reward"], "policy")

@@ -102,7 +102,7 @@ def make_reward_evaluator(accelerator, groups: list[dict], pad_id: int, micro_ba
 def load_groups(ctx: StageContext):
     s = ctx.settings
     spec = ctx.inputs["data"]
-    data = load_dataset_input(spec, seed=ctx.seed)
+    data = load_dataset_input(spec, seed=ctx.seed, columns=s.columns)
     fmt = s.format
     if fmt == "auto":
         fmt = detect_format(data["train"].column_names)

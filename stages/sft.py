@@ -88,7 +88,7 @@ def run(ctx: StageContext[SFTSettings]) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     s = ctx.settings
-    data = load_dataset_input(ctx.inputs["data"], seed=ctx.seed)
+    data = load_dataset_input(ctx.inputs["data"], seed=ctx.seed, columns=s.columns)
     fmt = data_format(data["train"].column_names, s, ctx.inputs["data"])
     require_columns(data, {"messages": [s.messages_column], "text": ["text"]}.get(fmt[0], list(fmt[1:])),
                     ctx.inputs["data"])

@@ -247,3 +247,27 @@ def test_split_files_compression_csv_and_hub_snapshot_folders(tmp_path):
     with pytest.raises(Exception, match="several kinds") as e:
         load_dataset_input(_spec(folder))
     assert "notes.csv" in str(e.value)
+
+
+def test_a_column_mapping_renames_other_names_and_names_a_missing_column(tmp_path):
+    from pipeline.data.sources import load_dataset_input
+    from pipeline.errors import StageError
+
+    rows = [{"question": f"q{i}", "answer": f"a{i}"} for i in range(8)]
+    folder = save_dataset(tmp_path / "qa", rows, rows[:2])
+    data = load_dataset_input(_spec(folder), columns={"question": "prompt", "answer": "completion"})
+    assert data["train"].column_names == ["prompt", "completion"] and data["validation"][0]["prompt"] == "q0"
+    with pytest.raises(StageError, match="columns: no column query to rename; it has question, answer"):
+        load_dataset_input(_spec(folder), columns={"query": "prompt"})
+
+
+def test_sft_reads_renamed_columns(tmp_path):
+    base, _ = _checkpoint("chatml", tmp_path / "qwen2", with_template=True)
+    rows = [{"question": f"Copy: {w}", "answer": w} for w in ("red fox", "blue cat", "green owl", "gold bee")] * 4
+    data = save_dataset(tmp_path / "qa", rows, rows[:4])
+    recipe = _recipe(tmp_path, "sft", base, data, columns={"question": "prompt", "answer": "completion"},
+                     sample_prompts=1, max_new_tokens=2)
+    out = run_cli("stages.sft", str(recipe), env=ONE_THREAD)
+    assert out.returncode == 0, out.stderr[-3000:]
+    samples = json.loads((tmp_path / "run" / "sft" / "manifest.json").read_text())["metrics"]["samples"]
+    assert samples[0]["prompt"] == "Copy: red fox"

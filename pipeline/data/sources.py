@@ -47,11 +47,25 @@ def _hub_error(spec: InputSpec, error: Exception) -> StageError:
                       f"{text}). Without a network, point the recipe at a local folder instead")
 
 
-def load_dataset_input(spec: InputSpec, validation_fraction: float = 0.05, seed: int = 0):
-    """A `DatasetDict` with `train` and `validation` splits from any dataset/text source.
+def load_dataset_input(spec: InputSpec, validation_fraction: float = 0.05, seed: int = 0,
+                       columns: dict[str, str] | None = None):
+    """A `DatasetDict` with `train` and `validation` splits from any dataset/text source, its columns
+    renamed by `columns` ({name in the data: name the stage reads}, a recipe's `columns:` setting).
 
     Sources without a validation split get one: `validation_fraction` of the rows, chosen by `seed`.
     """
+    data = _load_dataset_input(spec, validation_fraction, seed)
+    if columns:
+        found = data["train"].column_names
+        missing = [c for c in columns if c not in found]
+        if missing:
+            raise StageError(f"input {spec.name} ({spec.spec}): columns: no column {', '.join(missing)} to rename; "
+                             f"it has {', '.join(found)}")
+        data = data.rename_columns(columns)
+    return data
+
+
+def _load_dataset_input(spec: InputSpec, validation_fraction: float, seed: int):
     import datasets
 
     if spec.kind == "builtin":

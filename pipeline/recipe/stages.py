@@ -221,6 +221,8 @@ class ChatTrainSettings(StageSettings, TrainSettings):
     when the recipe is parsed); saved with the trained checkpoint's tokenizer. none: the checkpoint's own"""
     lora: LoraSettings | None = None
     """train LoRA updates (PEFT) instead of every weight, e.g. `lora: {r: 16}`; none: full fine-tuning"""
+    columns: dict[str, str] = field(default_factory=dict)
+    """rename the data input's columns to the names this stage reads, e.g. {question: prompt}"""
 
     INPUTS: ClassVar = {"model": "model", "data": "dataset"}
     OUTPUTS: ClassVar = ("model",)
@@ -304,6 +306,8 @@ class PPOStageSettings(StageSettings, PPOSettings):
     max_prompt_length: int = 128
     """prompt tokens kept (from the end, so the assistant header stays)"""
     prompt_column: str = "prompt"
+    columns: dict[str, str] = field(default_factory=dict)
+    """rename the prompts input's columns to the names this stage reads, e.g. {question: prompt}"""
     normalize_rewards: bool = True
     """read reward_mean/reward_std from the reward model's reward_stats.json (else the values given here)"""
     save_every: int = 25
@@ -344,6 +348,8 @@ class EvaluateSettings(StageSettings):
     """batches of packed validation blocks for bits per byte"""
     ngram: int = 8
     """word n-gram size of the contamination check"""
+    columns: dict[str, str] = field(default_factory=dict)
+    """rename the prompts input's columns to the names this stage reads, e.g. {question: prompt}"""
     n_samples: int = 8
     """sample generations shown in the results and the report"""
 
